@@ -1,0 +1,3 @@
+"""NeuraOS host controller."""
+
+__version__ = "0.1.0"

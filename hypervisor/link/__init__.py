@@ -1,0 +1,1 @@
+"""Host side of the host–guest link: one gRPC channel per guest."""

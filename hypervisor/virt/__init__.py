@@ -1,0 +1,1 @@
+"""libvirt side: daemons, acceleration, connection, templates, domains, images."""
