@@ -1,0 +1,92 @@
+"""`neuraos-agent`: run the link to the host, or print this guest's status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict
+
+from neuraos_agent import __version__
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuraos-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"neuraos-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="link to the host controller and serve it until SIGTERM")
+    run.add_argument("--link", metavar="ADDR", default=None,
+                     help="controller address (default: $NEURAOS_LINK, else 10.0.2.100:50051; "
+                          "vsock:2:50051 on vsock hosts)")
+    run.add_argument("--heartbeat", metavar="S", type=_positive, default=None,
+                     help="seconds between heartbeats (default: what the host asks for)")
+    run.add_argument("--report", metavar="S", type=_positive, default=30.0,
+                     help="seconds between status reports (default: 30)")
+    run.add_argument("--guest", metavar="NAME", default=os.environ.get("NEURAOS_GUEST", ""),
+                     help="the guest name we believe we have; the host refuses a wrong one "
+                          "(default: $NEURAOS_GUEST, else no claim)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    status = sub.add_parser("status", help="print this guest's status as the host would see it")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from neuraos_agent.link import AgentConfig, AgentLink, default_link_address
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    agent = AgentLink(AgentConfig(
+        address=args.link or default_link_address(),
+        heartbeat_s=args.heartbeat,
+        report_s=args.report,
+        claimed_guest=args.guest,
+    ))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    logging.getLogger("neuraos.agent").info("neuraos-agent %s linking to %s", __version__, agent.config.address)
+    agent.run()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from neuraos_agent.status import read_status
+
+    try:
+        status = read_status()
+    except (OSError, ValueError) as exc:
+        print(f"neuraos-agent: cannot read guest status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(status), indent=2))
+        return 0
+    gib = 1024 * 1024
+    print(f"agent       {status.agent_version}")
+    print(f"kernel      {status.kernel}")
+    print(f"boot id     {status.boot_id}")
+    print(f"uptime      {status.uptime_s:.0f} s")
+    print(f"load        {status.load1:.2f} {status.load5:.2f} {status.load15:.2f}")
+    print(f"memory      {status.mem_available_kib / gib:.2f} of {status.mem_total_kib / gib:.2f} GiB available")
+    print(f"cpus        {status.cpus_online} online of {status.cpus_present} present")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"run": cmd_run, "status": cmd_status}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
