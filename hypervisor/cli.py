@@ -112,7 +112,7 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
         store = Store(cfg.store_path)
         stack.callback(store.close)
         transport = UnixForwardTransport(cfg.run_dir / "link")
-        link = stack.enter_context(LinkServer(transport, heartbeat_interval_ms=int(cfg.heartbeat_s * 1000)))
+        link = stack.enter_context(LinkServer(transport, heartbeat_interval_s=cfg.heartbeat_s))
         ctl = Controller(cfg, conn, link, store, transport, accel)
         for name in ctl.reattach():
             say(f"re-attached link of running guest {name}")

@@ -21,7 +21,7 @@ from typing import Callable
 
 from hypervisor.config import Config
 from hypervisor.errors import AgentTimeout, GuestNotFound, GuestVanished, LinkError, NeuraError
-from hypervisor.link.server import LinkServer
+from hypervisor.link.server import LinkEvent, LinkServer
 from hypervisor.link.transport import UnixForwardTransport
 from hypervisor.state import Store
 from hypervisor.virt import domains
@@ -78,7 +78,7 @@ class Controller:
         socket_path = self.link.add_guest(name)
         if self._is_running(name):
             notify(f"{name} is already running; re-attached its link")
-            return self._wait_agent(name, time.monotonic(), notify) if wait else None
+            return self._wait_agent(name, time.monotonic(), notify, fresh=False) if wait else None
         disk = gdir / "disk.qcow2"
         record = self.store.guest(name)
         if record is None or record.spec.get("image_key") != image.key or not disk.exists():
@@ -111,10 +111,12 @@ class Controller:
         notify(f"{name} started under {self.accel.kind.upper()}")
         return self._wait_agent(name, t0, notify) if wait else None
 
-    def _wait_agent(self, name: str, t0: float, notify: Notify) -> float:
+    def _wait_agent(self, name: str, t0: float, notify: Notify, fresh: bool = True) -> float:
+        """Wait for a heartbeat (one sent after t0 when the guest was just booted)."""
         try:
-            self.link.wait_for_heartbeat(name, timeout=self.config.agent_timeout_s)
-        except LinkError:
+            self.link.wait_for_heartbeat(name, timeout=self.config.agent_timeout_s,
+                                         after=t0 if fresh else None)
+        except AgentTimeout:
             raise AgentTimeout(
                 f"agent in {name!r} sent no heartbeat within {self.config.agent_timeout_s:.0f} s") from None
         took = time.monotonic() - t0
@@ -181,11 +183,10 @@ class Controller:
         if count > d.vcpus:
             domains.plug_vcpus(self.conn, name, count)
         try:
-            result = self.link.set_online_cpus(name, count, timeout=timeout)
-            if not result.ok:
-                raise NeuraError(f"agent in {name} could not set {count} CPUs online: {result.error}")
-        except LinkError:
-            log.warning("link to %s down; using qemu-guest-agent to set %d CPUs online", name, count)
+            self.link.set_online_cpus(name, count, timeout=timeout)
+        except LinkError as e:
+            log.warning("agent in %s could not set %d CPUs online (%s); using qemu-guest-agent",
+                        name, count, e)
             domains.guest_set_vcpus(self.conn, name, count)
         self.store.set_desired(name, vcpus=count)
         self.store.event(name, "vcpus", str(count))
@@ -215,15 +216,15 @@ class Controller:
             self.vanished.append(ev.domain)
             self.store.event(ev.domain, "vanished", f"{ev.event}/{ev.detail}")
 
-    def _on_link_event(self, guest: str, kind: str, detail: object = None) -> None:
-        if self.store.guest(guest) is None:
+    def _on_link_event(self, ev: LinkEvent) -> None:
+        if self.store.guest(ev.guest) is None:
             return
-        if kind == "heartbeat":
-            self.store.heartbeat(guest, time.time())
-        elif kind == "status" and detail is not None:
-            self.store.status(guest, dataclasses.asdict(detail) if dataclasses.is_dataclass(detail) else dict(detail))
-        elif kind in ("connected", "refused"):
-            self.store.event(guest, f"link-{kind}", str(detail or ""))
+        if ev.kind == "heartbeat":
+            self.store.heartbeat(ev.guest, ev.state.last_heartbeat_unix or time.time())
+        elif ev.kind == "status" and ev.state.status is not None:
+            self.store.status(ev.guest, dataclasses.asdict(ev.state.status))
+        elif ev.kind in ("connected", "disconnected", "refused"):
+            self.store.event(ev.guest, f"link-{ev.kind}", ev.detail)
 
 
 def require_running(c: Controller, name: str) -> None:

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "vsock:2:50051 on vsock hosts)")
     run.add_argument("--heartbeat", metavar="S", type=_positive, default=None,
                      help="seconds between heartbeats (default: what the host asks for)")
-    run.add_argument("--report", metavar="S", type=_positive, default=30.0,
-                     help="seconds between status reports (default: 30)")
+    run.add_argument("--report", metavar="S", type=_positive, default=5.0,
+                     help="seconds between status reports (default: 5)")
     run.add_argument("--guest", metavar="NAME", default=os.environ.get("NEURAOS_GUEST", ""),
                      help="the guest name we believe we have; the host refuses a wrong one "
                           "(default: $NEURAOS_GUEST, else no claim)")

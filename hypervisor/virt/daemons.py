@@ -132,3 +132,25 @@ def restart_libvirtd(timeout: float = 20.0) -> None:
         while _running("libvirtd") is not None and time.monotonic() < deadline:
             time.sleep(0.1)
     ensure_daemons(timeout=timeout)
+
+
+def main() -> None:
+    """`python -m hypervisor.virt.daemons`: configure qemu.conf and start libvirt's daemons."""
+    import sys
+
+    try:
+        changed = ensure_qemu_conf()
+        states = ensure_daemons()
+        if changed:
+            restart_libvirtd()
+    except DaemonError as e:
+        print(f"error: {e}\nhint: {e.hint}", file=sys.stderr)
+        sys.exit(1)
+    for s in states:
+        print(f"{s.name}: {'started' if s.started else 'running'} (pid {s.pid})")
+    if changed:
+        print("qemu.conf: seccomp_sandbox = 0 set, libvirtd restarted")
+
+
+if __name__ == "__main__":
+    main()
