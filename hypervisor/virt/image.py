@@ -303,9 +303,19 @@ class _Build:
         if not text:
             return
         if self._rich is not None and self._task is not None:
-            self._rich.update(self._task, note=text[:70])
+            self._show(note=text[:70])
         elif callable(self.progress):
             self.progress(f"[{self._stage}] {text}")
+
+    def _show(self, note: str, description: str | None = None, **kw: Any) -> None:
+        """Our own display has a note column; a caller's Progress shows the note in the description."""
+        description = description or self._stage
+        if self._own is not None:
+            self._rich.update(self._task, description=description, note=note, **kw)
+        else:
+            from rich.markup import escape
+
+            self._rich.update(self._task, description=f"{description}  [dim]{escape(note)}[/]", **kw)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -322,7 +332,7 @@ class _Build:
         except Exception as e:  # noqa: BLE001 - every failure names its stage and the log
             self.write(f"!!! {name} failed: {e}")
             if self._rich is not None and self._task is not None:
-                self._rich.update(self._task, description=f"[red]{name}", note="failed")
+                self._show("failed", description=f"[red]{name}[/]")
                 self._rich.stop_task(self._task)
             raise ImageBuildError(f"guest image build failed at stage '{name}': {e} (log: {self.log})",
                                   f"see {self.log}; a second run reuses the layers already built"
@@ -331,7 +341,7 @@ class _Build:
         self.timings[name] = round(dt, 1)
         self.write(f"=== {name} done in {dt:.1f} s")
         if self._rich is not None and self._task is not None:
-            self._rich.update(self._task, completed=1, note=f"{dt:.1f} s")
+            self._show(f"{dt:.1f} s", completed=1)
             self._rich.stop_task(self._task)
         elif callable(self.progress):
             self.progress(f"[{name}] done in {dt:.1f} s")

@@ -234,5 +234,6 @@ def test_rich_progress_gets_a_task_per_stage(tmp_path: Path) -> None:
             for name in ("debootstrap", "disk"):
                 with b.stage(name):
                     b.note("working")
-    assert [t.description for t in p.tasks] == ["debootstrap", "disk"]
+    assert [t.description.split()[0] for t in p.tasks] == ["debootstrap", "disk"]
+    assert p.tasks[0].description.endswith(" s[/]")  # the stage's time, shown in the description
     assert all(t.finished for t in p.tasks)
