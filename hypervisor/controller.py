@@ -65,6 +65,12 @@ class Controller:
         conn.subscribe(self._on_lifecycle)
         link.on_event = self._on_link_event
 
+    def close(self) -> None:
+        """Stop listening to libvirt and the link (the caller owns and closes those)."""
+        self.conn.unsubscribe(self._on_lifecycle)
+        if self.link.on_event == self._on_link_event:
+            self.link.on_event = None
+
     # -- lifecycle -----------------------------------------------------------------
 
     def up(self, name: str, image: GuestImage, *, vcpus: int | None = None,

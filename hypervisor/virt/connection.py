@@ -141,6 +141,10 @@ class Connection:
         """Call fn for every domain lifecycle event, across reconnects."""
         self._subscribers.append(fn)
 
+    def unsubscribe(self, fn: Subscriber) -> None:
+        if fn in self._subscribers:
+            self._subscribers.remove(fn)
+
     def _dial(self) -> None:
         try:
             conn = libvirt.open(self.uri)

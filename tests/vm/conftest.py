@@ -51,6 +51,7 @@ class Host:
 
     def restart_controller(self) -> None:
         """Stop the link server and controller and start fresh ones, as a process restart would."""
+        self.controller.close()
         self.link.stop()
         self.link = LinkServer(self.transport, heartbeat_interval_s=self.config.heartbeat_s)
         self.link.start()

@@ -146,7 +146,8 @@ def test_controller_restart_loses_nothing(host: Host):
     host.restart_controller()
     st = host.link.wait_for_heartbeat(host.name, timeout=60, after=time.monotonic())
     assert st.heartbeats >= 1
-    assert host.store.guest(host.name).heartbeats > beats_before
+    wait_until(lambda: host.store.guest(host.name).heartbeats > beats_before, 10,
+               what="heartbeats recorded in the store after the restart")
     host.controller.set_vcpus(host.name, 1)  # commands flow on the new link
 
 
