@@ -1,0 +1,1 @@
+"""Per-guest telemetry: libvirt stats, the agent's intent signals, GPUs (NVML)."""
