@@ -208,6 +208,14 @@ class Controller:
         self.store.set_desired(name, memory_mib=mib)
         self.store.event(name, "balloon", f"{mib} MiB")
 
+    def set_cpu_quota(self, name: str, quota_frac: float | None) -> None:
+        """Cap each vCPU at `quota_frac` of a host CPU (None: no cap)."""
+        if quota_frac is not None and not 0.01 <= quota_frac <= 1.0:
+            raise NeuraError(f"CPU quota {quota_frac} must be within [0.01, 1.0] of a CPU, or none")
+        period = 100_000
+        domains.set_cpu_quota(self.conn, name, None if quota_frac is None else round(quota_frac * period), period)
+        self.store.event(name, "cpu-quota", "none" if quota_frac is None else f"{quota_frac:.2f}")
+
     # -- events ----------------------------------------------------------------------
 
     def _on_lifecycle(self, ev: LifecycleEvent) -> None:

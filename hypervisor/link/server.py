@@ -8,6 +8,10 @@ commands, and one guest flooding or garbling its channel exhausts only its own s
 The agent dials in, `Register`s, keeps one `Commands` stream open (which is also how we know it is
 connected), sends `Beat` and `Report` on its own schedule, and answers each command with
 `Complete`. `send_command` blocks until that answer or its timeout; delivery is at most once.
+
+Other host services for guests (the model service) ride the same channels: `services(name)`
+returns their handlers for one guest, already bound to that guest's name, so they inherit the
+channel's identity, message limits and thread bounds.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import grpc
 
@@ -108,6 +112,7 @@ class LinkEvent:
 
 
 EventHook = Callable[[LinkEvent], None]
+ServiceFactory = Callable[[str], Sequence[grpc.GenericRpcHandler]]  # guest name -> its handlers
 
 
 @dataclass
@@ -163,6 +168,7 @@ class _Guest:
     outbox: _Outbox = field(default_factory=_Outbox)
     pending: dict[int, _Pending] = field(default_factory=dict)
     closing: threading.Event = field(default_factory=threading.Event)
+    extra: Sequence[grpc.GenericRpcHandler] = ()  # other services, bound to this guest
 
     def close(self, why: str) -> None:
         self.closing.set()
@@ -186,8 +192,10 @@ class LinkServer:
         max_workers: int = 8,
         max_concurrent_rpcs: int = 8,
         stop_grace_s: float = 0.5,
+        services: ServiceFactory | None = None,
     ) -> None:
         self.transport = transport
+        self.services = services
         self.heartbeat_interval_s = heartbeat_interval_s
         self.on_event = on_event
         self.max_message_bytes = max_message_bytes
@@ -246,6 +254,8 @@ class LinkServer:
                     self._cids[cid] = name
                 return listener.socket_path
             guest = _Guest(name=name, state=GuestLinkState(guest=name))
+            if self.services is not None:
+                guest.extra = tuple(self.services(name))
             if listener.guest is None:
                 if cid is None:
                     raise LinkError(f"guest {name}: the vsock transport needs the guest's CID")
@@ -345,10 +355,15 @@ class LinkServer:
         """One grpc.server with bounded threads, RPCs and message sizes, bound to `listener`."""
         label = listener.guest or self.transport.kind
         servicer = _LinkServicer(self, guest)
+        handlers: list[grpc.GenericRpcHandler] = [_handlers(servicer, servicer.malformed)]
+        if guest is not None:
+            handlers.extend(guest.extra)
+        elif self.services is not None:
+            handlers.append(_PeerRouted(self))
         executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix=f"neuraos-link-{label}")
         server = grpc.server(
             executor,
-            handlers=[_handlers(servicer, servicer.malformed)],
+            handlers=handlers,
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes),
@@ -561,3 +576,42 @@ def _handlers(servicer: _LinkServicer, malformed: Callable[[str, int], None]) ->
             response_serializer=link_pb2.Command.SerializeToString),
         "Complete": unary("Complete", link_pb2.CommandResult, link_pb2.ResultAck),
     })
+
+
+class _PeerRouted(grpc.GenericRpcHandler):
+    """Extra services on a shared listener: each call runs the calling guest's own handler.
+
+    gRPC picks a handler before the peer is known, so the method's shape comes from any guest's
+    handlers and the behaviour is looked up per call from `context.peer()`; unknown peers are
+    refused exactly as on the Link service.
+    """
+
+    _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+    def __init__(self, link: LinkServer) -> None:
+        self.link = link
+
+    def _lookup(self, guest: _Guest | None, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for handler in guest.extra if guest is not None else ():
+            found = handler.service(details)
+            if found is not None:
+                return found
+        return None
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        with self.link._lock:
+            sample = next((g for g in self.link._guests.values() if g.cid is not None and g.extra), None)
+        shape = self._lookup(sample, details)
+        if shape is None:
+            return None
+        kind = next(k for k in self._KINDS if getattr(shape, k) is not None)
+
+        def behaviour(request: object, context: grpc.ServicerContext) -> object:
+            guest = self.link._resolve(None, context.peer())
+            own = self._lookup(guest, details)
+            if own is None:
+                log.warning("link: refused unknown peer %s for %s", context.peer(), details.method)
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "unknown peer")
+            return getattr(own, kind)(request, context)
+
+        return shape._replace(**{kind: behaviour})

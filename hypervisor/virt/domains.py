@@ -201,3 +201,23 @@ def memory_stats(c: Connection, name: str) -> dict[str, int]:
         return dict(dom.memoryStats())
     except libvirt.libvirtError as e:
         raise _vanished(name, e) from None
+
+
+def set_cpu_quota(c: Connection, name: str, quota_us: int | None, period_us: int = 100_000) -> None:
+    """Per-vCPU CFS quota (schedinfo vcpu_quota/vcpu_period); None removes the cap."""
+    dom = _lookup(c, name)
+    params = {"vcpu_period": period_us, "vcpu_quota": -1 if quota_us is None else int(quota_us)}
+    try:
+        dom.setSchedulerParametersFlags(params, LIVE)
+    except libvirt.libvirtError as e:
+        raise _vanished(name, e) from None
+
+
+def cpu_quota(c: Connection, name: str) -> tuple[int | None, int]:
+    dom = _lookup(c, name)
+    try:
+        p = dom.schedulerParameters()
+    except libvirt.libvirtError as e:
+        raise _vanished(name, e) from None
+    q = int(p.get("vcpu_quota", -1))
+    return (None if q < 0 else q), int(p.get("vcpu_period", 100_000))
