@@ -226,6 +226,32 @@ def cmd_console(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def cmd_policy(args: argparse.Namespace, cfg: Config) -> int:
+    from dataclasses import replace
+
+    from hypervisor.virt import domains
+
+    with _connect_ctx(cfg) as conn:
+        pol = domains.policy(conn, args.name)
+        changes = {k: v for k, v in {
+            "min_vcpus": args.min_vcpus, "max_vcpus": args.max_vcpus, "min_memory_mib": args.min_mem,
+            "max_memory_mib": args.max_mem, "priority": args.priority}.items() if v is not None}
+        if changes:
+            new = replace(pol, **changes)
+            if new.min_vcpus < 1 or new.min_vcpus > new.max_vcpus:
+                raise NeuraError(f"vCPU bounds [{new.min_vcpus}, {new.max_vcpus}] are not a range of at least 1")
+            if new.min_memory_mib < 64 or new.min_memory_mib > new.max_memory_mib:
+                raise NeuraError(f"memory bounds [{new.min_memory_mib}, {new.max_memory_mib}] MiB are not a range")
+            domains.set_policy(conn, args.name, new)
+            pol = new
+    if args.json:
+        print(json.dumps({"guest": args.name, "policy": asdict(pol)}))
+    else:
+        out.print(f"{args.name}: vCPUs {pol.min_vcpus}–{pol.max_vcpus}, memory {pol.min_memory_mib}–"
+                  f"{pol.max_memory_mib} MiB, priority {pol.priority}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuraos", description="NeuraOS host controller")
     p.add_argument("--version", action="version", version=f"neuraos {__version__}")
@@ -253,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("list", cmd_list, "guests with their allocation and agent status")
     st = add("status", cmd_status, "one guest in detail")
     st.add_argument("name")
+    pol = add("policy", cmd_policy, "show or set a guest's scheduling bounds (kept in its domain metadata)")
+    pol.add_argument("name")
+    pol.add_argument("--min-vcpus", type=int)
+    pol.add_argument("--max-vcpus", type=int)
+    pol.add_argument("--min-mem", type=int, help="MiB")
+    pol.add_argument("--max-mem", type=int, help="MiB")
+    pol.add_argument("--priority", type=int, help="higher wins when the host is short")
     con = add("console", cmd_console, "attach to a guest's serial console")
     con.add_argument("name")
     return p

@@ -34,3 +34,8 @@ class QuotaExceeded(InferenceError):
 class SessionNotFound(InferenceError):
     code = grpc.StatusCode.NOT_FOUND
     hint = "start the session without resume, or list this guest's sessions"
+
+
+class SessionBusy(InferenceError):
+    code = grpc.StatusCode.ABORTED
+    hint = "wait for the session's running completion to finish"

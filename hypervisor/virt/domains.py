@@ -143,6 +143,27 @@ def policy(c: Connection, name: str) -> GuestPolicy:
     )
 
 
+def set_policy(c: Connection, name: str, pol: GuestPolicy) -> None:
+    """Rewrite the <policy> in the guest's NeuraOS metadata, live and persistent."""
+    dom = _lookup(c, name)
+    meta = _metadata(dom)
+    if meta is None:
+        raise NeuraError(f"guest {name!r} has no NeuraOS metadata", "only guests NeuraOS defined have a policy")
+    el = _child(meta, "policy")
+    if el is None:
+        el = ET.SubElement(meta, "policy")
+    el.attrib.clear()
+    el.attrib.update({"min-vcpus": str(pol.min_vcpus), "max-vcpus": str(pol.max_vcpus),
+                      "min-memory-mib": str(pol.min_memory_mib), "max-memory-mib": str(pol.max_memory_mib),
+                      "priority": str(pol.priority)})
+    flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (LIVE if dom.isActive() else 0)
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, ET.tostring(meta, encoding="unicode"),
+                        "neuraos", METADATA_NS, flags)
+    except libvirt.libvirtError as e:
+        raise _vanished(name, e) from None
+
+
 def info(c: Connection, name: str) -> DomainInfo:
     dom = _lookup(c, name)
     try:

@@ -1,0 +1,195 @@
+"""Guests' conversations and the live slots their KV state occupies.
+
+Sessions are keyed by (guest, session id), the guest taken from the channel, so one guest's id
+can never name another guest's session. A backend with KV save/restore has a few live slots
+(the fast tier); a session that needs one while all are taken displaces the least recently
+used idle session, whose KV state is parked in a `StateStore` (RAM, NVMe) and restored into a
+slot when that session speaks again, instead of prefilling its whole history anew. A slot that
+changes owner is always cleared or overwritten, so no guest's prompt can reuse (and time)
+another guest's cached prefix.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from hypervisor.inference.backends import Backend, Message
+from hypervisor.inference.errors import InferenceError, InvalidRequest, QuotaExceeded, SessionBusy, SessionNotFound
+from hypervisor.inference.parking import Key, StateStore
+
+KV_SOURCES = ("fresh", "slot", "ram", "nvme", "prefill")  # where a request's KV prefix came from
+
+
+@dataclass
+class Session:
+    key: Key
+    raw: bool = False
+    messages: list[Message] = field(default_factory=list)  # chat history
+    text: str = ""  # raw history
+    turns: int = 0
+    tokens: int = 0  # tokens of KV state held for it
+    slot: int | None = None
+    busy: bool = False
+    last_used: float = 0.0
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.key[1] == ""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    guest: str
+    session: str
+    tokens: int
+    tier: str  # slot | ram | nvme | none
+    turns: int
+
+
+class SessionTable:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._sessions: dict[Key, Session] = {}
+        self._lock = threading.Lock()
+        self.clock = clock
+
+    def open(self, guest: str, sid: str, *, resume: bool, raw: bool, max_sessions: int) -> Session:
+        """Mark the (guest, sid) session busy, creating it unless `resume`; sid "" is one-shot."""
+        key = (guest, sid)
+        with self._lock:
+            session = self._sessions.get(key) if sid else None
+            if session is None:
+                if resume:
+                    raise SessionNotFound(f"guest {guest} has no session {sid[:64]!r}")
+                if sid and sum(1 for k in self._sessions if k[0] == guest) >= max_sessions:
+                    raise QuotaExceeded(f"guest {guest} already keeps {max_sessions} sessions",
+                                        hint="close a session (CloseSession) or raise the guest's quota")
+                session = Session(key, raw=raw)
+                if sid:
+                    self._sessions[key] = session
+            elif session.busy:
+                raise SessionBusy(f"session {sid[:64]!r} is already generating")
+            elif session.raw != raw:
+                raise InvalidRequest(f"session {sid[:64]!r} was started {'raw' if session.raw else 'as chat'}")
+            session.busy = True
+            return session
+
+    def done(self, session: Session) -> None:
+        with self._lock:
+            session.busy = False
+            session.last_used = self.clock()
+
+    def remove(self, guest: str, sid: str) -> Session | None:
+        with self._lock:
+            session = self._sessions.get((guest, sid))
+            if session is None or session.busy:
+                return None
+            return self._sessions.pop((guest, sid))
+
+    def of(self, guest: str | None = None) -> list[Session]:
+        with self._lock:
+            return [s for k, s in sorted(self._sessions.items()) if guest is None or k[0] == guest]
+
+
+class SlotPool:
+    """Assigns live backend slots to sessions, parking and restoring KV state through `store`.
+
+    `store=None` parks nothing: a displaced session is re-prefilled when it returns (the
+    baseline the pager is measured against).
+    """
+
+    def __init__(self, backend: Backend, slots: int, store: StateStore | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.backend = backend
+        self.store = store
+        self.clock = clock
+        self._owners: list[Session | None] = [None] * slots
+        self._cond = threading.Condition()
+        self.parked_bytes = 0
+        self.restores = {"ram": 0, "nvme": 0}
+
+    @property
+    def slots(self) -> int:
+        return len(self._owners)
+
+    def acquire(self, session: Session, timeout: float) -> tuple[int, str]:
+        """A slot holding `session`'s KV state (restored if parked); returns (slot, kv source)."""
+        deadline = self.clock() + timeout
+        with self._cond:
+            while True:
+                if session.slot is not None and self._owners[session.slot] is session:
+                    return session.slot, "slot"
+                slot = self._free_slot()
+                if slot is not None:
+                    break
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    raise InferenceError("every model slot is busy generating", hint="retry shortly")
+                self._cond.wait(min(remaining, 0.5))
+            victim = self._owners[slot]
+            if victim is not None:
+                self._park(slot, victim)
+            self._owners[slot] = session
+            session.slot = slot
+            return slot, self._load(slot, session)
+
+    def _free_slot(self) -> int | None:
+        empty = [i for i, s in enumerate(self._owners) if s is None]
+        if empty:
+            return empty[0]
+        idle = [(s.last_used, i) for i, s in enumerate(self._owners) if s is not None and not s.busy]
+        return min(idle)[1] if idle else None
+
+    def _park(self, slot: int, victim: Session) -> None:
+        victim.slot = None
+        if victim.ephemeral or self.store is None or not victim.tokens:
+            return
+        state = self.backend.save(slot)
+        self.store.put(victim.key, state)
+        self.parked_bytes += state.nbytes
+
+    def _load(self, slot: int, session: Session) -> str:
+        if self.store is None or session.turns == 0:
+            self.backend.clear(slot)
+            return "fresh" if session.turns == 0 else "prefill"
+        state, tier = self.store.get(session.key)
+        if state is None:
+            self.backend.clear(slot)
+            return "prefill"
+        try:
+            self.backend.restore(slot, state)
+        except InferenceError:
+            self.backend.clear(slot)
+            return "prefill"
+        self.store.drop(session.key)  # it lives in the slot now
+        self.restores[tier] = self.restores.get(tier, 0) + 1
+        return tier
+
+    def release(self, session: Session) -> None:
+        with self._cond:
+            if session.ephemeral and session.slot is not None:
+                self._owners[session.slot] = None  # cleared by whoever takes it next
+                session.slot = None
+            self._cond.notify_all()
+
+    def forget(self, session: Session) -> None:
+        """The session is closed: free its slot and drop any parked state."""
+        with self._cond:
+            if session.slot is not None and self._owners[session.slot] is session:
+                self._owners[session.slot] = None
+                self.backend.clear(session.slot)
+            session.slot = None
+            if self.store is not None:
+                self.store.drop(session.key)
+            self._cond.notify_all()
+
+    def tier(self, session: Session) -> str:
+        if session.slot is not None:
+            return "slot"
+        return self.store.tier(session.key) if self.store is not None else "none"
+
+    def occupancy(self) -> list[str | None]:
+        with self._cond:
+            return [None if s is None else f"{s.key[0]}/{s.key[1]}" for s in self._owners]
