@@ -86,7 +86,8 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
 
     from hypervisor.controller import Controller
     from hypervisor.link.server import LinkServer
-    from hypervisor.link.transport import UnixForwardTransport
+    from hypervisor.link.transport import detect_transport
+    from hypervisor.link.vsock_relay import CidTable, VsockRelay, VsockRelayTransport, vsock_listener
     from hypervisor.state import Store
     from hypervisor.virt.accel import detect_accel
     from hypervisor.virt.daemons import ensure_daemons, ensure_qemu_conf, restart_libvirtd
@@ -111,9 +112,15 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
         conn = stack.enter_context(_connect_ctx(cfg))
         store = Store(cfg.store_path)
         stack.callback(store.close)
-        transport = UnixForwardTransport(cfg.run_dir / "link")
+        choice = detect_transport(cfg.run_dir / "link")
+        transport = choice.transport
+        say(f"link: [bold]{transport.kind}[/] — {choice.reason}")
         link = stack.enter_context(LinkServer(transport, heartbeat_interval_s=cfg.heartbeat_s))
-        ctl = Controller(cfg, conn, link, store, transport, accel)
+        cids = None
+        if isinstance(transport, VsockRelayTransport):
+            cids = CidTable(transport)
+            stack.enter_context(VsockRelay(vsock_listener(transport.port), cids.route))
+        ctl = Controller(cfg, conn, link, store, transport, accel, cids)
         for name in ctl.reattach():
             say(f"re-attached link of running guest {name}")
         boot = ctl.up(args.name, image, vcpus=args.vcpus, memory_mib=args.memory, gpu=args.gpu, notify=say)

@@ -22,7 +22,8 @@ from typing import Callable
 from hypervisor.config import Config
 from hypervisor.errors import AgentTimeout, GuestNotFound, GuestVanished, LinkError, NeuraError
 from hypervisor.link.server import LinkEvent, LinkServer
-from hypervisor.link.transport import UnixForwardTransport
+from hypervisor.link.transport import Transport
+from hypervisor.link.vsock_relay import CidTable
 from hypervisor.state import Store
 from hypervisor.virt import domains
 from hypervisor.virt.accel import Accel
@@ -52,13 +53,14 @@ def free_loopback_port() -> int:
 
 class Controller:
     def __init__(self, config: Config, conn: Connection, link: LinkServer, store: Store,
-                 transport: UnixForwardTransport, accel: Accel) -> None:
+                 transport: Transport, accel: Accel, cids: CidTable | None = None) -> None:
         self.config = config
         self.conn = conn
         self.link = link
         self.store = store
         self.transport = transport
         self.accel = accel
+        self.cids = cids  # vsock relay routing, when the transport is "vsock-relay"
         self._expected_stop: set[str] = set()
         self._lock = threading.Lock()
         self.vanished: list[str] = []
@@ -81,8 +83,11 @@ class Controller:
         g = self.config.guest
         gdir = self.config.guests_dir / name
         gdir.mkdir(parents=True, exist_ok=True)
-        socket_path = self.link.add_guest(name)
+        vsock = self.transport.kind != "unix-forward"
+        socket_path = self.link.add_guest(name) if self.transport.kind != "vsock" else None
         if self._is_running(name):
+            if vsock:
+                self._route_vsock(name)
             notify(f"{name} is already running; re-attached its link")
             return self._wait_agent(name, time.monotonic(), notify, fresh=False) if wait else None
         disk = gdir / "disk.qcow2"
@@ -94,9 +99,11 @@ class Controller:
                                     max_memory_mib=g.max_memory_mib)
         spec = DomainSpec(
             name=name,
-            image=ImageRef(image.key, str(image.kernel), str(image.initrd), image.cmdline, str(image.ssh_key)),
+            image=ImageRef(image.key, str(image.kernel), str(image.initrd),
+                           image.cmdline + (f" neuraos.link={self.transport.guest_link_address}" if vsock else ""),
+                           str(image.ssh_key)),
             disk=str(disk), accel=self.accel,
-            link=LinkSpec("unix-fwd", str(socket_path)),
+            link=LinkSpec("vsock") if vsock else LinkSpec("unix-fwd", str(socket_path)),
             console_log=str(gdir / "console.log"),
             vcpus=vcpus or g.vcpus, max_vcpus=g.max_vcpus,
             memory_mib=memory_mib or g.memory_mib, max_memory_mib=g.max_memory_mib,
@@ -114,8 +121,19 @@ class Controller:
         self.store.event(name, "defined", f"accel={self.accel.kind}")
         t0 = time.monotonic()
         domains.start(self.conn, name)
+        if vsock:
+            self._route_vsock(name)
         notify(f"{name} started under {self.accel.kind.upper()}")
         return self._wait_agent(name, t0, notify) if wait else None
+
+    def _route_vsock(self, name: str) -> None:
+        """Tell the link which CID libvirt gave the guest (vsock transports only)."""
+        cid = domains.vsock_cid(self.conn, name)
+        if self.cids is not None:
+            self.cids.set(name, cid)
+        else:
+            self.link.add_guest(name, cid)
+        self.store.event(name, "vsock-cid", str(cid))
 
     def _wait_agent(self, name: str, t0: float, notify: Notify, fresh: bool = True) -> float:
         """Wait for a heartbeat (one sent after t0 when the guest was just booted)."""
@@ -149,6 +167,8 @@ class Controller:
         domains.stop(self.conn, name)
         domains.undefine(self.conn, name)
         self.link.remove_guest(name)
+        if self.cids is not None:
+            self.cids.drop(name)
         if purge:
             for f in ("disk.qcow2", "console.log"):
                 (self.config.guests_dir / name / f).unlink(missing_ok=True)
@@ -160,7 +180,10 @@ class Controller:
         names = []
         for rec in self.store.guests():
             if self._is_running(rec.name):
-                self.link.add_guest(rec.name)
+                if self.transport.kind != "vsock":
+                    self.link.add_guest(rec.name)
+                if self.transport.kind != "unix-forward":
+                    self._route_vsock(rec.name)
                 names.append(rec.name)
         return names
 

@@ -29,8 +29,15 @@ DEFAULT_LINK = "10.0.2.100:50051"  # QEMU user-mode guestfwd to the controller's
 MAX_MESSAGE_BYTES = 256 * 1024
 
 
-def default_link_address() -> str:
-    """NEURAOS_LINK (e.g. vsock:2:50051 on vsock hosts), else the user-mode forward."""
+def default_link_address(cmdline: Path = PROC / "cmdline") -> str:
+    """The host's choice on the kernel command line (`neuraos.link=vsock:2:50051`), else
+    NEURAOS_LINK, else the user-mode forward. The host sets the first per guest."""
+    try:
+        for word in cmdline.read_text().split():
+            if word.startswith("neuraos.link="):
+                return word.split("=", 1)[1]
+    except OSError:
+        pass
     return os.environ.get("NEURAOS_LINK") or DEFAULT_LINK
 
 

@@ -45,11 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from neuraos_agent.link import AgentConfig, AgentLink, default_link_address
+    from neuraos_agent.vsock_bridge import VsockBridge, parse_vsock
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    address = args.link or default_link_address()
+    vsock = parse_vsock(address)
+    if vsock is not None:  # gRPC from PyPI cannot dial vsock: bridge it through loopback
+        address = VsockBridge(*vsock).address
     agent = AgentLink(AgentConfig(
-        address=args.link or default_link_address(),
+        address=address,
         heartbeat_s=args.heartbeat,
         report_s=args.report,
         claimed_guest=args.guest,

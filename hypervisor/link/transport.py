@@ -108,7 +108,7 @@ class SocketOwner:
         return cls(pw.pw_uid, gid)
 
 
-def _ssh_hostfwd(ssh_port: int | None) -> str:
+def ssh_hostfwd(ssh_port: int | None) -> str:
     if ssh_port is None:
         return ""
     if not isinstance(ssh_port, int) or not 1 <= ssh_port <= 65535:
@@ -158,7 +158,7 @@ class UnixForwardTransport:
     def qemu_netdev_args(self, guest: str, ssh_port: int | None) -> str:
         """The `-netdev` value: one argv element (it contains spaces; never pass it to a shell)."""
         return (
-            f"user,id=neura0,restrict=on{_ssh_hostfwd(ssh_port)},"
+            f"user,id=neura0,restrict=on{ssh_hostfwd(ssh_port)},"
             f"guestfwd=tcp:{GUEST_LINK_IP}:{self.port}-cmd:{self.socat} - "
             f"UNIX-CONNECT:{self.socket_path(guest)}"
         )
@@ -232,7 +232,7 @@ class VsockTransport:
         check_guest_name(guest)
         if ssh_port is None:
             return None
-        return f"user,id=neura0,restrict=on{_ssh_hostfwd(ssh_port)}"
+        return f"user,id=neura0,restrict=on{ssh_hostfwd(ssh_port)}"
 
     def listener(self, guest: str) -> Listener:
         check_guest_name(guest)
@@ -274,7 +274,7 @@ def grpc_supports_vsock() -> bool:
 
 @dataclass(frozen=True)
 class TransportChoice:
-    transport: UnixForwardTransport | VsockTransport
+    transport: UnixForwardTransport | VsockTransport  # VsockRelayTransport is a UnixForwardTransport
     reason: str
 
 
@@ -295,8 +295,12 @@ def detect_transport(
             why_not_vsock = f"no {vhost_vsock} on this host"
             hint = "load the vhost_vsock module (modprobe vhost_vsock) or use transport = \"auto\""
         elif not vsock_probe():
-            why_not_vsock = f"{vhost_vsock} present but this gRPC build cannot listen on vsock"
-            hint = "use a grpcio built with vsock support, or transport = \"auto\""
+            from hypervisor.link.vsock_relay import VsockRelayTransport
+
+            return TransportChoice(
+                VsockRelayTransport(socket_dir, port=port),
+                f"{vhost_vsock} present but this gRPC build cannot listen on vsock: "
+                f"a vsock relay on port {port} routes each guest's CID to its unix socket in {socket_dir}")
         else:
             return TransportChoice(VsockTransport(port), f"{vhost_vsock} present: gRPC over virtio-vsock port {port}")
         if prefer == "vsock":

@@ -242,3 +242,16 @@ def cpu_quota(c: Connection, name: str) -> tuple[int | None, int]:
         raise _vanished(name, e) from None
     q = int(p.get("vcpu_quota", -1))
     return (None if q < 0 else q), int(p.get("vcpu_period", 100_000))
+
+
+def vsock_cid(c: Connection, name: str) -> int:
+    """The CID libvirt gave the running guest's <vsock> device."""
+    dom = _lookup(c, name)
+    try:
+        root = ET.fromstring(dom.XMLDesc())
+    except libvirt.libvirtError as e:
+        raise _vanished(name, e) from None
+    cid = root.find("devices/vsock/cid")
+    if cid is None or not cid.get("address"):
+        raise NeuraError(f"guest {name!r} has no vsock CID", "is it running, with a <vsock> device?")
+    return int(cid.get("address"))

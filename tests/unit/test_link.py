@@ -111,13 +111,14 @@ def test_detect_transport_prefers_vsock_only_where_present(tmp_path: Path) -> No
     assert isinstance(forced.transport, UnixForwardTransport) and forced.reason.startswith("requested")
 
 
-def test_detect_transport_falls_back_when_grpc_lacks_vsock(tmp_path: Path) -> None:
+def test_detect_transport_relays_vsock_when_grpc_lacks_it(tmp_path: Path) -> None:
     device = tmp_path / "vhost-vsock"
     device.touch()
     choice = detect_transport(tmp_path / "s", vhost_vsock=device, vsock_probe=lambda: False)
-    assert isinstance(choice.transport, UnixForwardTransport) and "gRPC build" in choice.reason
-    with pytest.raises(LinkError, match="gRPC build"):
-        detect_transport(tmp_path / "s", prefer="vsock", vhost_vsock=device, vsock_probe=lambda: False)
+    assert choice.transport.kind == "vsock-relay" and "relay" in choice.reason
+    assert choice.transport.guest_link_address == "vsock:2:50051"
+    forced = detect_transport(tmp_path / "s", prefer="vsock", vhost_vsock=device, vsock_probe=lambda: False)
+    assert forced.transport.kind == "vsock-relay"
     assert grpc_supports_vsock() in (True, False)  # the real probe answers without raising
 
 
