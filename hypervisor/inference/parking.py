@@ -77,7 +77,9 @@ class ParkingStore:
     `nvme_dir=None` keeps RAM only. A state that fits nowhere is dropped (it will be re-prefilled).
     """
 
-    def __init__(self, ram_bytes: int = 1 << 30, nvme_dir: Path | None = None, nvme_bytes: int = 8 << 30) -> None:
+    def __init__(self, ram_bytes: int = 1 << 30, nvme_dir: Path | None = None, nvme_bytes: int = 8 << 30,
+                 durable: bool = True) -> None:
+        self.durable = durable
         self.ram = _Tier(ram_bytes)
         self.nvme = _Tier(nvme_bytes if nvme_dir is not None else 0)
         self.nvme_dir = nvme_dir
@@ -119,6 +121,10 @@ class ParkingStore:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             f.write(blob)
+            if self.durable:  # on the device, and out of the page cache: a restore really reads it
+                f.flush()
+                os.fdatasync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         os.replace(tmp, path)
         self.nvme.items[key] = len(blob)
         self.nvme.used += len(blob)

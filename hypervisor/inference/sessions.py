@@ -5,8 +5,9 @@ can never name another guest's session. A backend with KV save/restore has a few
 (the fast tier); a session that needs one while all are taken displaces the least recently
 used idle session, whose KV state is parked in a `StateStore` (RAM, NVMe) and restored into a
 slot when that session speaks again, instead of prefilling its whole history anew. A slot that
-changes owner is always cleared or overwritten, so no guest's prompt can reuse (and time)
-another guest's cached prefix.
+passes to another guest is always cleared or overwritten, so no guest's prompt can reuse (and
+time) another guest's cached prefix; within one guest, a new session may reuse the prefix its
+sibling left in the slot (agents of one guest share long system prompts and documents).
 """
 
 from __future__ import annotations
@@ -97,15 +98,18 @@ class SlotPool:
     """Assigns live backend slots to sessions, parking and restoring KV state through `store`.
 
     `store=None` parks nothing: a displaced session is re-prefilled when it returns (the
-    baseline the pager is measured against).
+    baseline the pager is measured against). `reuse_guest_prefix=False` also clears a slot
+    between sessions of the same guest (a pure re-prefill baseline).
     """
 
     def __init__(self, backend: Backend, slots: int, store: StateStore | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, reuse_guest_prefix: bool = True) -> None:
         self.backend = backend
         self.store = store
         self.clock = clock
+        self.reuse_guest_prefix = reuse_guest_prefix
         self._owners: list[Session | None] = [None] * slots
+        self._last_guest: list[str | None] = [None] * slots  # whose KV the slot holds
         self._cond = threading.Condition()
         self.parked_bytes = 0
         self.restores = {"ram": 0, "nvme": 0}
@@ -151,18 +155,20 @@ class SlotPool:
         self.parked_bytes += state.nbytes
 
     def _load(self, slot: int, session: Session) -> str:
-        if self.store is None or session.turns == 0:
+        guest, self._last_guest[slot] = self._last_guest[slot], session.key[0]
+        lost = "fresh" if session.turns == 0 else "prefill"
+        if not (self.reuse_guest_prefix and guest == session.key[0]):
             self.backend.clear(slot)
-            return "fresh" if session.turns == 0 else "prefill"
+        if self.store is None or session.turns == 0:
+            return lost
         state, tier = self.store.get(session.key)
         if state is None:
-            self.backend.clear(slot)
-            return "prefill"
+            return lost
         try:
             self.backend.restore(slot, state)
         except InferenceError:
             self.backend.clear(slot)
-            return "prefill"
+            return lost
         self.store.drop(session.key)  # it lives in the slot now
         self.restores[tier] = self.restores.get(tier, 0) + 1
         return tier
