@@ -93,10 +93,12 @@ def next_timer_due_s(now_us: float | None = None) -> float:
 
 class IntentSampler:
     def __init__(self, proc: Path = PROC, pending_rlm_jobs: Callable[[], int] = lambda: 0,
-                 timers: Callable[[], float] = next_timer_due_s) -> None:
+                 timers: Callable[[], float] = next_timer_due_s, timers_every_s: float = 60.0) -> None:
         self.proc = proc
         self.pending_rlm_jobs = pending_rlm_jobs
         self.timers = timers
+        self.timers_every_s = timers_every_s
+        self._timer: tuple[float, float] | None = None  # (asked at, seconds due then)
         self._prev: tuple[float, dict[int, tuple[str, int]], int, tuple[int, int]] | None = None
 
     def sample(self) -> IntentSignals:
@@ -119,4 +121,11 @@ class IntentSampler:
         return IntentSignals(
             run_queue=max(0.0, _procs_running(self.proc)), top_cpu_pct=top_pct, top_comm=top_comm,
             pending_rlm_jobs=int(self.pending_rlm_jobs()), file_write_bps=wbps,
-            jobs_due_s=self.timers(), net_rx_bps=rx, net_tx_bps=tx)
+            jobs_due_s=self._jobs_due(now), net_rx_bps=rx, net_tx_bps=tx)
+
+    def _jobs_due(self, now: float) -> float:
+        """Ask systemd at most every `timers_every_s`; count down in between."""
+        if self._timer is None or now - self._timer[0] >= self.timers_every_s:
+            self._timer = (now, self.timers())
+        asked, due = self._timer
+        return -1.0 if due < 0 else max(0.0, due - (now - asked))

@@ -21,6 +21,7 @@ import grpc
 from neuraos_agent import __version__
 from neuraos_agent._gen import link_pb2, link_pb2_grpc
 from neuraos_agent.cpus import SYSFS, CpuError, set_online_cpus
+from neuraos_agent.intent import IntentSampler
 from neuraos_agent.status import PROC, GuestStatus, read_boot_id, read_status
 
 log = logging.getLogger("neuraos.agent")
@@ -97,6 +98,7 @@ class AgentLink:
     def __init__(self, config: AgentConfig, runner: CommandRunner | None = None) -> None:
         self.config = config
         self.runner = runner or CommandRunner(config.sysfs)
+        self.intent = IntentSampler(config.proc)
         self.stats = AgentStats()
         self.registered = threading.Event()  # set on every successful Register
         self._stop = threading.Event()
@@ -208,10 +210,15 @@ class AgentLink:
 
     def _status_report(self) -> link_pb2.StatusReport | None:
         try:
-            return status_message(read_status(self.config.proc, self.config.sysfs))
+            msg = status_message(read_status(self.config.proc, self.config.sysfs))
         except (OSError, ValueError) as exc:  # an odd /proc must not cost us the link
             log.warning("cannot read guest status: %s", exc)
             return None
+        try:
+            msg.intent.CopyFrom(link_pb2.Intent(**asdict(self.intent.sample())))
+        except (OSError, ValueError, IndexError) as exc:
+            log.warning("cannot read intent signals: %s", exc)
+        return msg
 
     def _consume(self, stub: link_pb2_grpc.LinkStub, stream: grpc.Call, end: threading.Event) -> None:
         """Run each command the host pushes, one at a time, and answer it with Complete."""

@@ -56,6 +56,7 @@ class GuestStatus:
     kernel: str
     boot_id: str
     received_unix: float
+    intent: dict[str, float | str] | None = None  # raw; the telemetry collector sanitises it
 
     @classmethod
     def from_proto(cls, msg: link_pb2.StatusReport, received_unix: float) -> GuestStatus:
@@ -72,7 +73,15 @@ class GuestStatus:
             kernel=msg.kernel[:_TEXT_LIMIT],
             boot_id=msg.boot_id[:_TEXT_LIMIT],
             received_unix=received_unix,
+            intent=_intent(msg) if msg.HasField("intent") else None,
         )
+
+
+def _intent(msg: link_pb2.StatusReport) -> dict[str, float | str]:
+    i = msg.intent
+    return {"run_queue": i.run_queue, "top_cpu_pct": i.top_cpu_pct, "top_comm": i.top_comm[:64],
+            "pending_rlm_jobs": i.pending_rlm_jobs, "file_write_bps": i.file_write_bps,
+            "jobs_due_s": i.jobs_due_s, "net_rx_bps": i.net_rx_bps, "net_tx_bps": i.net_tx_bps}
 
 
 @dataclass

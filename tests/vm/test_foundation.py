@@ -38,6 +38,9 @@ def test_controller_receives_heartbeats_and_status_over_the_link(host: Host):
     wait_until(lambda: host.link.state(host.name).heartbeats > first, 15, what="another heartbeat")
     st = wait_until(lambda: host.link.state(host.name).status, 30, what="a status report")
     assert st.mem_total_kib > 0 and st.cpus_online >= 1 and st.agent_version
+    st = wait_until(lambda: (s := host.link.state(host.name).status) and s.intent and s, 30,
+                    what="a status report carrying intent signals")
+    assert st.intent["run_queue"] >= 0 and st.intent["jobs_due_s"] >= -1
     rec = host.store.guest(host.name)
     assert rec.heartbeats > 0 and rec.status["mem_total_kib"] == st.mem_total_kib
 
