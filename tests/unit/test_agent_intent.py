@@ -34,7 +34,7 @@ def test_rates_come_from_deltas_and_the_busiest_process_wins(tmp_path: Path):
     second = s.sample()
     assert second.top_comm == "stress (ng)" and second.top_cpu_pct > 0
     assert second.file_write_bps > 0 and second.net_rx_bps > second.net_tx_bps > 0
-    assert second.jobs_due_s == 30.0 and second.run_queue == 4.0
+    assert 29.0 < second.jobs_due_s <= 30.0 and second.run_queue == 4.0  # counts down between asks
 
 
 def test_no_systemctl_means_unknown_due_time(monkeypatch):
