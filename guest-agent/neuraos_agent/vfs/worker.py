@@ -1,0 +1,151 @@
+"""The indexing worker: turns journal records into index updates, in its own thread, in batches.
+
+It never blocks a writer: the file system only appends to the journal. The worker first brings
+the whole index in line with the files (`reconcile`: this is what makes a crash, a lost journal
+tail or a rolled-back Milvus manifest harmless), then follows the journal. Records are committed
+only after their batch is in the index and flushed; when the embedder is unreachable the batch
+stays pending and is retried with backoff, so the journal holds the work until the host is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from neuraos_agent.vfs.errors import EmbedderUnavailable, IndexCorrupt
+from neuraos_agent.vfs.journal import Journal
+from neuraos_agent.vfs.sync import IndexSync, SyncReport
+
+log = logging.getLogger("neuraos.vfs.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    gather_s: float = 0.02  # after a record arrives, wait this long for more to batch with it
+    max_records: int = 512  # records per batch
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+    compact_bytes: int = 1 << 20
+
+
+@dataclass
+class WorkerState:
+    """What the worker is doing, for `status` and for tests that wait on it."""
+
+    reconciled: bool = False
+    embedder_available: bool = True
+    last_error: str = ""
+    batches: int = 0
+    totals: SyncReport = field(default_factory=SyncReport)
+
+
+class IndexWorker:
+    """Follows `journal` and applies it through `sync`; `on_corrupt` rebuilds a broken index."""
+
+    def __init__(self, journal: Journal, sync: IndexSync, on_corrupt: Callable[[IndexCorrupt], None],
+                 flush: Callable[[], None], config: WorkerConfig | None = None) -> None:
+        self.journal = journal
+        self.sync = sync
+        self.on_corrupt = on_corrupt
+        self.flush = flush
+        self.config = config or WorkerConfig()
+        self.state = WorkerState()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Condition()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vfs-indexer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        with self._idle:
+            self._idle.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once everything journalled before this call is in the index."""
+        target = self.journal.last_seq
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while not (self.state.reconciled and self.journal.committed >= target):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = self.config.retry_initial_s
+        while not self._stop.is_set():
+            try:
+                if not self.state.reconciled:
+                    self._reconcile()
+                elif not self._step():
+                    continue
+                backoff = self.config.retry_initial_s
+                self._set(embedder_available=True, last_error="")
+            except EmbedderUnavailable as exc:
+                if self.state.embedder_available:
+                    log.warning("embedder unreachable, indexing waits in the journal: %s", exc)
+                self._set(embedder_available=False, last_error=str(exc))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.retry_max_s)
+            except IndexCorrupt as exc:
+                self._set(last_error=str(exc))
+                self.on_corrupt(exc)
+                self.state.reconciled = False
+            except Exception as exc:  # noqa: BLE001 - keep following the journal; the error is shown
+                log.exception("indexing failed; retrying")
+                self._set(last_error=f"{type(exc).__name__}: {exc}")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.config.retry_max_s)
+
+    def _reconcile(self) -> None:
+        upto = self.journal.last_seq  # everything journalled so far is covered by a full scan
+        report = self.sync.reconcile()
+        self.flush()
+        self.journal.commit(upto)
+        self.state.totals.add(report)
+        self.state.reconciled = True
+        log.info("index reconciled with the files: %d indexed, %d removed, %d unchanged",
+                 report.files_indexed, report.files_removed, report.files_unchanged)
+        self._notify()
+
+    def _step(self) -> bool:
+        """One batch; False when there was nothing to do."""
+        pending = self.journal.pending()
+        if not pending:
+            self.journal.wait(self.journal.last_seq, timeout=0.5)
+            return False
+        if self.config.gather_s > 0 and len(pending) < self.config.max_records:
+            self._stop.wait(self.config.gather_s)
+            pending = self.journal.pending()
+        batch = pending[: self.config.max_records]
+        paths: list[str] = []
+        for rec in batch:
+            paths.append(rec.path)
+            if rec.dst:
+                paths.append(rec.dst)
+        report = self.sync.sync(dict.fromkeys(paths))
+        self.flush()
+        self.journal.commit(batch[-1].seq)
+        self.journal.compact(self.config.compact_bytes)
+        self.state.batches += 1
+        self.state.totals.add(report)
+        self._notify()
+        return True
+
+    def _set(self, **changes: object) -> None:
+        for k, v in changes.items():
+            setattr(self.state, k, v)
+
+    def _notify(self) -> None:
+        with self._idle:
+            self._idle.notify_all()
