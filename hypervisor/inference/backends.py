@@ -195,6 +195,10 @@ class LlamaCppBackend:
         missing = llama_cpp_missing() if config.model_path is None else None
         if missing:
             raise BackendUnavailable(f"llama.cpp backend: {missing}")
+        # ggml's OpenMP workers spin between ops by default; on a shared host (guests, other
+        # services) a descheduled spinner stalls its siblings: measured here, 2 threads on a busy
+        # 2-core machine prefilled 4x slower spinning than waiting passively. Read once, at load.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import llama_cpp
 
         self._llama_cpp = llama_cpp
@@ -318,7 +322,7 @@ class LlamaCppBackend:
         n = lc.llama_state_seq_get_data(llm._ctx.ctx, buf, size, 0)
         if n == 0 and llm.n_tokens:
             raise InferenceError(f"llama.cpp could not copy slot {slot}'s KV state")
-        return KVState(self.model, tuple(llm.input_ids[: llm.n_tokens].tolist()), bytes(buf[:n]))
+        return KVState(self.model, tuple(llm.input_ids[: llm.n_tokens].tolist()), ctypes.string_at(buf, n))
 
     def restore(self, slot: int, state: KVState) -> None:
         if state.model != self.model:

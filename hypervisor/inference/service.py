@@ -224,7 +224,7 @@ class ModelService:
             if self.pool is not None:
                 slot, source = self.pool.acquire(session, self.config.slot_wait_s)
             else:
-                source = "fresh" if session.turns == 0 else "slot"
+                source = "fresh" if session.turns == 0 else "engine"  # the engine's own prefix cache
             first_ms = None
             text = []
             last = None
@@ -257,7 +257,7 @@ class ModelService:
                 counters.prompt_tokens += last.prompt_tokens
                 counters.cached_tokens += last.cached_tokens
                 counters.completion_tokens += last.completion_tokens
-                counters.kv[source] += 1
+                counters.kv[source] = counters.kv.get(source, 0) + 1
             yield Chunk(last.text, Usage(last.prompt_tokens, last.cached_tokens, last.completion_tokens,
                                          round(first_ms or 0.0, 3), source, last.finish_reason))
         finally:

