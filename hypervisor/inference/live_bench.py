@@ -1,0 +1,243 @@
+"""Live KV paging benchmark (part b of benchmarks/kvpager.py): real llama.cpp sessions.
+
+16 agent sessions of one guest share a long system document and each has its own history; 4
+live slots hold KV state. The same seeded stream of turns is replayed through the real model
+service four ways, so the only difference is what happens to a session displaced from a slot:
+
+* `neuraos-ram`  its KV state is parked in host RAM and restored when it speaks again;
+* `neuraos-nvme` parked as a checksummed file (fsynced, dropped from the page cache) instead;
+* `prefix-reuse` nothing is kept, but a slot's sibling prefix (the shared document) is reused,
+  as a plain prefix cache would;
+* `re-prefill`   nothing is kept: the whole history is prefilled again.
+
+Every agent's first turn (its history) is computed once and handed to each system as it
+would stand after that turn: parked in the store for the NeuraOS rows, absent for the others.
+Time to first token is the service's own measure (request in to first token out, slot swap
+and restore included). Answers are greedy, so every system must give the same text; the
+fraction that does is reported as `same_answer_frac`.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hypervisor.inference.backends import (
+    GenParams, KVState, LlamaCppBackend, LlamaCppConfig, Message, llama_cpp_missing,
+)
+from hypervisor.inference.parking import ParkingStore
+from hypervisor.inference.quotas import GuestQuota
+from hypervisor.inference.service import CompleteArgs, ModelService, ServiceConfig, Usage
+
+GUEST = "agents"
+SYSTEMS = ("neuraos-ram", "neuraos-nvme", "prefix-reuse", "re-prefill")
+
+_WORDS = ("kernel scheduler memory balloon vcpu latency guest agent vector index journal cache page tier "
+          "policy forecast quota session token prefill restore checksum sandbox syscall profile baseline "
+          "network storage snapshot migrate throughput request budget replica shard queue worker commit "
+          "alert operator metric trace window horizon quantile demand capacity headroom eviction prefetch").split()
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    sessions: int = 16
+    slots: int = 4
+    shared_words: int = 700  # the document every agent's system prompt carries
+    own_words: int = 120  # each agent's own background
+    requests: int = 48
+    max_tokens: int = 8
+    n_ctx: int = 2048
+    threads: int = 2
+    speed_gen_tokens: int = 64
+
+
+def live_config(quick: bool) -> LiveConfig:
+    if quick:
+        return LiveConfig(shared_words=200, own_words=40, requests=12, max_tokens=4, n_ctx=1024,
+                          speed_gen_tokens=32)
+    return LiveConfig()
+
+
+def _text(rng: random.Random, words: int) -> str:
+    out = []
+    while len(out) < words:
+        n = rng.randint(6, 14)
+        sentence = [rng.choice(_WORDS) for _ in range(n)]
+        out.append(sentence[0].capitalize())
+        out.extend(sentence[1:-1])
+        out.append(sentence[-1] + ".")
+    return " ".join(out[:words])
+
+
+def _schedule(rng: random.Random, cfg: LiveConfig) -> list[int]:
+    """Which session speaks at each step: skewed (a few agents are chatty), never twice in a row."""
+    weights = [1 / (i + 1) ** 0.6 for i in range(cfg.sessions)]
+    order: list[int] = []
+    while len(order) < cfg.requests:
+        pick = rng.choices(range(cfg.sessions), weights)[0]
+        if not order or pick != order[-1]:
+            order.append(pick)
+    return order
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _ask(service: ModelService, args: CompleteArgs) -> tuple[str, Usage]:
+    text, usage = [], None
+    for chunk in service.complete(GUEST, args):
+        text.append(chunk.text)
+        usage = chunk.usage or usage
+    assert usage is not None
+    return "".join(text), usage
+
+
+def engine_speed(backend: LlamaCppBackend, rng: random.Random, gen_tokens: int = 64) -> dict:
+    """Prompt (prefill) and generation tokens/s of the backend on this machine, slot 0."""
+    prompt = backend.render([Message("user", _text(rng, 250))])
+    backend.clear(0)
+    t0 = time.perf_counter()
+    pieces = backend.stream(prompt, GenParams(max_tokens=1), 0)
+    first = next(pieces)
+    t_first = time.perf_counter() - t0
+    last = [p for p in pieces if p.done][-1] if not first.done else first
+    backend.clear(0)
+    gen = backend.stream(backend.render([Message("user", "Write a long story about a robot.")]),
+                         GenParams(max_tokens=gen_tokens), 0)
+    t1 = time.perf_counter()
+    next(gen)
+    t2 = time.perf_counter()
+    done = [p for p in gen if p.done][-1]
+    t3 = time.perf_counter()
+    backend.clear(0)
+    return {"prompt_tokens": last.prompt_tokens, "prompt_tok_per_s": round(last.prompt_tokens / t_first, 1),
+            "gen_tokens": done.completion_tokens,
+            "gen_tok_per_s": round((done.completion_tokens - 1) / max(t3 - t2, 1e-9), 1),
+            "gen_first_token_ms": round((t2 - t1) * 1000, 1)}
+
+
+def _service(backend: LlamaCppBackend, cfg: LiveConfig, store: ParkingStore | None) -> ModelService:
+    quota = GuestQuota(tokens_per_s=1e9, burst_tokens=1e12, max_sessions=cfg.sessions + 1, max_inflight=4)
+    service = ModelService(backend, None, ServiceConfig(quota=quota, max_tokens_limit=64,
+                                                        max_prompt_chars=200_000), store=store)
+    for slot in range(cfg.slots):
+        backend.clear(slot)
+    return service
+
+
+@dataclass(frozen=True)
+class _History:
+    """One agent after its first turn: the conversation and the KV state that encodes it."""
+
+    messages: tuple[Message, ...]
+    tokens: int
+    state: KVState
+
+
+def _first_turns(backend: LlamaCppBackend, cfg: LiveConfig, shared: str, own: list[str]) -> list[_History]:
+    store = ParkingStore(ram_bytes=16 << 30)
+    service = _service(backend, cfg, store)
+    for i in range(cfg.sessions):  # siblings reuse the shared document's prefix left in a slot
+        _ask(service, CompleteArgs(prompt=own[i], system=shared, session=f"agent-{i}", max_tokens=cfg.max_tokens))
+    out = []
+    for session in sorted(service.sessions.of(GUEST), key=lambda s: int(s.key[1].split("-")[1])):
+        state = backend.save(session.slot) if session.slot is not None else store.get(session.key)[0]
+        assert state is not None
+        out.append(_History(tuple(session.messages), session.tokens, state))
+    return out
+
+
+def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, histories: list[_History],
+                questions: list[str], order: list[int], nvme_root: Path) -> dict:
+    store = None
+    if system == "neuraos-ram":
+        store = ParkingStore(ram_bytes=4 << 30)
+    elif system == "neuraos-nvme":
+        store = ParkingStore(ram_bytes=0, nvme_dir=nvme_root / "kv", nvme_bytes=16 << 30)
+    service = _service(backend, cfg, store)
+    assert service.pool is not None
+    for i, h in enumerate(histories):
+        session = service.sessions.open(GUEST, f"agent-{i}", resume=False, raw=False, max_sessions=cfg.sessions)
+        session.messages, session.turns, session.tokens = list(h.messages), 1, h.tokens
+        service.sessions.done(session)
+        if store is not None:
+            store.put(session.key, h.state)
+    service.pool.reuse_guest_prefix = system != "re-prefill"
+    ttft, miss_ttft, answers, sources, prefilled = [], [], [], [], []
+    t0 = time.perf_counter()
+    for step, i in enumerate(order):
+        answer, usage = _ask(service, CompleteArgs(prompt=questions[step], session=f"agent-{i}",
+                                                   max_tokens=cfg.max_tokens))
+        ttft.append(usage.ttft_ms)
+        if usage.kv_source != "slot":
+            miss_ttft.append(usage.ttft_ms)
+        answers.append(answer)
+        sources.append(usage.kv_source)
+        prefilled.append(usage.prompt_tokens - usage.cached_tokens)
+    wall = time.perf_counter() - t0
+    return {
+        "system": system,
+        "ttft_ms_p50": round(_pct(ttft, 0.5), 1),
+        "ttft_ms_p99": round(_pct(ttft, 0.99), 1),
+        "miss_ttft_ms_p50": round(_pct(miss_ttft, 0.5), 1),
+        "prefilled_tokens_mean": round(statistics.fmean(prefilled), 1),
+        "restores": sum(s in ("ram", "nvme") for s in sources),
+        "slot_hits": sources.count("slot"),
+        "re_prefills": sources.count("prefill"),
+        "wall_s": round(wall, 2),
+        "parked_mib": round(service.pool.parked_bytes / 2**20, 1),
+        "_answers": answers,
+    }
+
+
+def run_live(quick: bool, seed: int) -> dict:
+    """Measure TTFT with paging vs re-prefill; returns {"rows", "engine", "config", "primary", ...}.
+
+    Raises `BackendUnavailable` (a NeuraError) where llama-cpp-python or the model is missing.
+    """
+    from hypervisor.inference.errors import BackendUnavailable
+
+    missing = llama_cpp_missing()
+    if missing:
+        raise BackendUnavailable(f"live KV benchmark: {missing}")
+    cfg = live_config(quick)
+    rng = random.Random(seed)
+    shared = "You are one of several agents sharing this operations log:\n" + _text(rng, cfg.shared_words)
+    own = [f"Agent {i}. Your own notes: {_text(rng, cfg.own_words)} Reply briefly." for i in range(cfg.sessions)]
+    order = _schedule(rng, cfg)
+    questions = [f"Step {k}: which component in the log matters most for {rng.choice(_WORDS)}?"
+                 for k in range(len(order))]
+    backend = LlamaCppBackend(LlamaCppConfig(slots=cfg.slots, n_ctx=cfg.n_ctx, n_threads=cfg.threads))
+    try:
+        engine = engine_speed(backend, random.Random(seed), cfg.speed_gen_tokens)
+        histories = _first_turns(backend, cfg, shared, own)
+        with tempfile.TemporaryDirectory(prefix="neuraos-kv-", dir="/var/tmp") as tmp:
+            rows = [_run_system(s, backend, cfg, histories, questions, order, Path(tmp)) for s in SYSTEMS]
+    finally:
+        backend.close()
+    answers = {r["system"]: r.pop("_answers") for r in rows}
+    reference = answers["re-prefill"]
+    base = next(r for r in rows if r["system"] == "re-prefill")["ttft_ms_p50"]
+    for row in rows:
+        same = sum(a == b for a, b in zip(answers[row["system"]], reference))
+        row["same_answer_frac"] = round(same / len(reference), 3)
+        row["speedup_p50_vs_reprefill"] = round(base / row["ttft_ms_p50"], 2) if row["ttft_ms_p50"] else None
+    return {
+        "data": f"live llama.cpp {backend.model}: {cfg.sessions} sessions, {cfg.slots} slots, "
+                f"{cfg.requests} turns (seed {seed})",
+        "config": asdict(cfg),
+        "engine": engine,
+        "rows": rows,
+        "primary": {"metric": "ttft_ms_p50", "better": "lower",
+                    "goal": "neuraos-ram and neuraos-nvme at least 3x lower than re-prefill"},
+    }
