@@ -344,7 +344,9 @@ def test_embedder_unreachable_writes_continue_and_journal_holds_work(
         status = vfs.status()
         assert not status.embedder_available and status.pending_records >= len(TOPICS)
         assert vfs.index.files() == {}
-        assert paths(vfs.search("satellite orbit", k=1)) == []  # nothing indexed yet: degrades, no error
+        # words are indexed without the host; meaning waits for it
+        assert paths(vfs.search("satellite orbit", k=1)) == ["space/orbit.md"]
+        assert paths(vfs.search("recipe for an Italian meal", k=1)) == []
         embedder.available = True
         assert vfs.wait_indexed(30)
         assert vfs.status().pending_records == 0 and vfs.status().embedder_available
@@ -376,20 +378,24 @@ def test_journal_survives_kill_and_is_replayed(layout: "VFSConfig", embedder: Sw
     try:
         out = subprocess.run([sys.executable, "-c", CHILD, str(layout.backing.parent)], capture_output=True,
                              text=True, timeout=120, env=env)
+        assert out.returncode == -9 and "written" in out.stdout, out.stderr[-2000:]
+        with pytest.raises(OSError) as dead:
+            os.stat(layout.mountpoint)  # the killed agent left its mount behind
+        assert dead.value.errno == errno.ENOTCONN
+        journal = Journal(layout.journal_dir)
+        pending = journal.pending()
+        journal.close()
+        assert {r.path for r in pending} >= {f"note{i}.txt" for i in range(20)} | {"moon.txt"}
+        with open(layout.journal_dir / "journal.log", "ab") as f:
+            f.write(b"deadbeef {\"seq\": 99")  # a torn record at the tail
+        with mounted(layout, embedder) as vfs:  # restarts over the stale mount
+            assert vfs.wait_indexed(60)
+            assert len(vfs.index.files()) == 21
+            assert paths(vfs.search("walking on the moon", k=1)) == ["moon.txt"]
+            assert vfs.journal is not None and vfs.journal.pending() == []
+            assert (layout.mountpoint / "moon.txt").read_text().startswith("Astronauts")
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(layout.mountpoint)], capture_output=True)
-    assert out.returncode == -9 and "written" in out.stdout, out.stderr[-2000:]
-    journal = Journal(layout.journal_dir)
-    pending = journal.pending()
-    journal.close()
-    assert {r.path for r in pending} >= {f"note{i}.txt" for i in range(20)} | {"moon.txt"}
-    with open(layout.journal_dir / "journal.log", "ab") as f:
-        f.write(b"deadbeef {\"seq\": 99")  # a torn record at the tail
-    with mounted(layout, embedder) as vfs:
-        assert vfs.wait_indexed(60)
-        assert len(vfs.index.files()) == 21
-        assert paths(vfs.search("walking on the moon", k=1)) == ["moon.txt"]
-        assert vfs.journal is not None and vfs.journal.pending() == []
     assert not (layout.journal_dir / "journal.log").read_bytes().endswith(b"99")
 
 
@@ -413,14 +419,24 @@ def test_journal_records_torn_tail_and_compaction(tmp_path: Path) -> None:
         assert j.append("write", "x").seq == 103
 
 
+def _tear_manifest(db: Path) -> None:
+    manifest = db / "collections" / "chunks" / "manifest.json"
+    raw = manifest.read_bytes()
+    manifest.write_bytes(raw[: len(raw) // 2])  # Milvus Lite alone would fall back silently
+
+
+def _garble_segment(db: Path) -> None:
+    segment = next((db / "collections" / "chunks").rglob("*.parquet"))
+    segment.write_bytes(b"not a parquet file" * 10)
+
+
+@pytest.mark.parametrize("damage", [_tear_manifest, _garble_segment], ids=["torn-manifest", "garbled-segment"])
 def test_corrupt_index_is_detected_and_rebuilt(layout: "VFSConfig", embedder: SwitchableEmbedder,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+                                                caplog: pytest.LogCaptureFixture, damage) -> None:  # noqa: ANN001
     with mounted(layout, embedder) as vfs:
         write_topics(layout.mountpoint)
         assert vfs.wait_indexed(30)
-    manifest = layout.index_path / "collections" / "chunks" / "manifest.json"
-    raw = manifest.read_bytes()
-    manifest.write_bytes(raw[: len(raw) // 2])  # a torn manifest: Milvus Lite alone would fall back silently
+    damage(layout.index_path)
     os.unlink(layout.backing / "music" / "guitar.txt")  # changed while the agent was down
     with caplog.at_level("ERROR", logger="neuraos.vfs"), mounted(layout, embedder) as vfs:
         assert vfs.index_rebuilds == 1

@@ -117,9 +117,10 @@ class PassthroughFS(pyfuse3.Operations):
     def _replace_path(self, old: str, new: str) -> None:
         for inode, val in self._inode_path.items():
             if isinstance(val, set):
-                if old in val:
-                    val.discard(old)
-                    val.add(new)
+                moved = {new + p[len(old):] for p in val if p == old or p.startswith(old + "/")}
+                if moved:
+                    val.difference_update({p for p in val if p == old or p.startswith(old + "/")})
+                    val.update(moved)
             elif val == old:
                 self._inode_path[inode] = new
             elif val.startswith(old + "/"):
@@ -296,9 +297,15 @@ class PassthroughFS(pyfuse3.Operations):
         old = self._child(inode_p_old, name_old)
         new = self._child(inode_p_new, name_new)
         try:
+            replaced = os.lstat(new).st_ino
+        except OSError:
+            replaced = None
+        try:
             os.rename(old, new)
         except OSError as exc:
             raise self._fail(exc)
+        if replaced is not None and replaced in self._inode_path and replaced != os.lstat(new).st_ino:
+            self._forget_path(replaced, new)  # the overwritten file keeps its inode only while open
         self._replace_path(old, new)
         self._notify("rename", old, new)
 

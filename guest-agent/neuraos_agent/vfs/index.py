@@ -105,6 +105,7 @@ class VectorIndex:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.db_path.exists()
         try:
+            self._check_files()  # before Milvus Lite opens it and falls back to an older manifest
             self._client = MilvusClient(str(self.db_path))
             if not self._client.has_collection(COLLECTION):
                 if not new and (self.db_path / "collections").exists() and any((self.db_path / "collections").iterdir()):
@@ -139,13 +140,23 @@ class VectorIndex:
         # sync=False: waiting asks the server for AllocTimestamp, which Milvus Lite does not serve
         self._client.create_index(COLLECTION, params, sync=False)
 
-    def _check(self) -> None:
-        """Read the manifest and segments the way a query does; anything unreadable is corruption."""
-        for manifest in (self.db_path / "collections" / COLLECTION).glob("manifest.json"):
+    def _check_files(self) -> None:
+        """The manifest parses and every segment it names exists."""
+        collection = self.db_path / "collections" / COLLECTION
+        manifest = collection / "manifest.json"
+        if manifest.exists():
             try:
-                json.loads(manifest.read_text())
+                doc = json.loads(manifest.read_text())
             except (OSError, ValueError) as exc:
                 raise IndexCorrupt(f"{manifest}: unreadable manifest ({exc})") from exc
+            # Milvus Lite skips a missing segment with a log line and serves the rest: we do not
+            for name, part in (doc.get("partitions") or {}).items():
+                for rel in [*part.get("data_files", []), *part.get("delta_files", [])]:
+                    if not (collection / "partitions" / name / rel).exists():
+                        raise IndexCorrupt(f"{manifest}: segment {name}/{rel} is missing")
+
+    def _check(self) -> None:
+        """Query and search the way users will; a segment that cannot be read fails here."""
         self._client.query(COLLECTION, filter='id != ""', output_fields=["id"], limit=1)
         self._client.search(COLLECTION, data=[[0.0] * (self.dim - 1) + [1.0]], limit=1, output_fields=["path"])
         self._client.get_collection_stats(COLLECTION)

@@ -12,8 +12,10 @@ always unmounts. The state directory (journal, Milvus Lite) lives outside the ba
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +169,7 @@ class VectorFS:
     # -- the mount -----------------------------------------------------------------------------
     def _mount(self) -> None:
         cfg = self.config
+        _clear_stale_mount(cfg.mountpoint)
         cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         ops = PassthroughFS(str(cfg.backing), self._on_change, self._fs_search, search_k=cfg.search_k)
         options = set(pyfuse3.default_options)
@@ -234,6 +237,17 @@ class VectorFS:
         pending = len(self.journal.pending()) if self.journal is not None else 0
         return VFSStatus(str(self.config.mountpoint), pending, len(self.lexical), state.reconciled,
                          state.embedder_available, self.index_rebuilds, state.last_error)
+
+
+def _clear_stale_mount(mountpoint: Path) -> None:
+    """A mount left by a killed agent answers ENOTCONN: detach it so we can mount again."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return
+        log.warning("%s is a stale mount from a previous run; detaching it", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, check=False)
 
 
 def _inside(path: Path, parent: Path) -> bool:

@@ -101,6 +101,8 @@ class Searcher:
         ranked = self._rank(cands, qvec, cfg)
         hits: list[SearchHit] = []
         for c, score in ranked:
+            if not (self.root / c.path).is_file():
+                continue  # removed, its rows not yet dropped (the embedder is away, or a batch is running)
             if caller is not None and not may_read(self.root, c.path, caller):
                 continue
             hits.append(SearchHit(len(hits) + 1, c.path, score, None if np.isnan(c.dense) else c.dense,

@@ -174,13 +174,15 @@ class IndexSync:
             lexical_set[path] = lexical_text((c.text, c.context) for c in chunks)
             report.files_indexed += 1
 
-        vectors = self._vectors(new_rows, report)  # may raise EmbedderUnavailable: nothing written yet
-        self.index.delete_ids(drop_ids)
-        self.index.upsert(new_rows, vectors)
+        # words first: BM25 needs no embedding, so a file is found by its words at once (and while
+        # the embedder is away); its vectors follow when the embedding returns
         for path in lexical_drop:
             self.lexical.remove(path)
         for path, (text, context) in lexical_set.items():
             self.lexical.set(path, text, context)
+        vectors = self._vectors(new_rows, report)  # may raise EmbedderUnavailable: no vector written yet
+        self.index.delete_ids(drop_ids)
+        self.index.upsert(new_rows, vectors)
         return report
 
     def _vectors(self, rows: list[ChunkRow], report: SyncReport) -> np.ndarray:

@@ -29,6 +29,7 @@ class WorkerConfig:
     retry_initial_s: float = 0.2
     retry_max_s: float = 10.0
     compact_bytes: int = 1 << 20
+    store_failures_to_rebuild: int = 3  # Milvus errors in a row before the store is rebuilt from the files
 
 
 @dataclass
@@ -83,6 +84,7 @@ class IndexWorker:
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
         backoff = self.config.retry_initial_s
+        store_failures = 0
         while not self._stop.is_set():
             try:
                 if not self.state.reconciled:
@@ -90,6 +92,7 @@ class IndexWorker:
                 elif not self._step():
                     continue
                 backoff = self.config.retry_initial_s
+                store_failures = 0
                 self._set(embedder_available=True, last_error="")
             except EmbedderUnavailable as exc:
                 if self.state.embedder_available:
@@ -104,6 +107,12 @@ class IndexWorker:
             except Exception as exc:  # noqa: BLE001 - keep following the journal; the error is shown
                 log.exception("indexing failed; retrying")
                 self._set(last_error=f"{type(exc).__name__}: {exc}")
+                store_failures = store_failures + 1 if _store_error(exc) else 0
+                if store_failures >= self.config.store_failures_to_rebuild:
+                    store_failures = 0
+                    self.on_corrupt(IndexCorrupt(f"the vector store keeps failing: {exc}"))
+                    self.state.reconciled = False
+                    continue
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.retry_max_s)
 
@@ -149,3 +158,8 @@ class IndexWorker:
     def _notify(self) -> None:
         with self._idle:
             self._idle.notify_all()
+
+
+def _store_error(exc: BaseException) -> bool:
+    """An error raised by the vector store itself (not by the embedder or the files)."""
+    return type(exc).__module__.split(".")[0] in ("pymilvus", "milvus_lite")
