@@ -5,7 +5,7 @@ live slots hold KV state. The same seeded stream of turns is replayed through th
 service four ways, so the only difference is what happens to a session displaced from a slot:
 
 * `neuraos-ram`  its KV state is parked in host RAM and restored when it speaks again;
-* `neuraos-nvme` parked as a checksummed file (fsynced, dropped from the page cache) instead;
+* `neuraos-nvme` parked as a checksummed file instead;
 * `prefix-reuse` nothing is kept, but a slot's sibling prefix (the shared document) is reused,
   as a plain prefix cache would;
 * `re-prefill`   nothing is kept: the whole history is prefilled again.
@@ -14,7 +14,8 @@ Every agent's first turn (its history) is computed once and handed to each syste
 would stand after that turn: parked in the store for the NeuraOS rows, absent for the others.
 Time to first token is the service's own measure (request in to first token out, slot swap
 and restore included). Answers are greedy, so every system must give the same text; the
-fraction that does is reported as `same_answer_frac`.
+fraction that does is reported as `same_answer_frac`. Parked states go through the KV pager
+(hypervisor/kvpager, relevance policy) where it is present, else the service's ParkingStore.
 """
 
 from __future__ import annotations
@@ -126,6 +127,19 @@ def engine_speed(backend: LlamaCppBackend, rng: random.Random, gen_tokens: int =
             "gen_first_token_ms": round((t2 - t1) * 1000, 1)}
 
 
+def _store(system: str, root: Path):
+    """The KV pager with RAM or NVMe as its only usable tier; the ParkingStore without it."""
+    ram = 4 << 30 if system == "neuraos-ram" else 0
+    try:
+        from hypervisor.inference.pager_store import PagerStore
+        from hypervisor.kvpager.pager import KVPager
+        from hypervisor.kvpager.tiers import MemoryTier, NvmeTier
+    except ImportError:
+        return ParkingStore(ram_bytes=ram, nvme_dir=root / system, nvme_bytes=16 << 30, durable=False)
+    pager = KVPager.relevance([MemoryTier("ram", ram), NvmeTier("nvme", 16 << 30, root / system)])
+    return PagerStore(pager, ["ram", "nvme"])
+
+
 def _service(backend: LlamaCppBackend, cfg: LiveConfig, store: ParkingStore | None) -> ModelService:
     quota = GuestQuota(tokens_per_s=1e9, burst_tokens=1e12, max_sessions=cfg.sessions + 1, max_inflight=4)
     service = ModelService(backend, None, ServiceConfig(quota=quota, max_tokens_limit=64,
@@ -159,11 +173,7 @@ def _first_turns(backend: LlamaCppBackend, cfg: LiveConfig, shared: str, own: li
 
 def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, histories: list[_History],
                 questions: list[str], order: list[int], nvme_root: Path) -> dict:
-    store = None
-    if system == "neuraos-ram":
-        store = ParkingStore(ram_bytes=4 << 30)
-    elif system == "neuraos-nvme":
-        store = ParkingStore(ram_bytes=0, nvme_dir=nvme_root / "kv", nvme_bytes=16 << 30)
+    store = _store(system, nvme_root) if system.startswith("neuraos") else None
     service = _service(backend, cfg, store)
     assert service.pool is not None
     for i, h in enumerate(histories):
@@ -196,6 +206,7 @@ def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, historie
         "re_prefills": sources.count("prefill"),
         "wall_s": round(wall, 2),
         "parked_mib": round(service.pool.parked_bytes / 2**20, 1),
+        "kv_store": type(store).__name__ if store is not None else None,
         "_answers": answers,
     }
 

@@ -218,32 +218,57 @@ def test_restored_kv_state_gives_the_same_tokens_as_a_re_prefill_and_is_faster(b
     assert ttft_restore < 0.5 * ttft_prefill, (ttft_restore, ttft_prefill)
 
 
+def _parking(tmp_path: Path, tier: str):
+    if tier == "ram":
+        return ParkingStore(ram_bytes=64 << 20), None
+    store = ParkingStore(ram_bytes=0, nvme_dir=tmp_path / "kv")
+    return store, store.path
+
+
+def _pager(tmp_path: Path, tier: str):
+    kvpager = pytest.importorskip("hypervisor.kvpager.pager", reason="hypervisor/kvpager is not in this tree")
+    from hypervisor.inference.pager_store import PagerStore, state_block
+    from hypervisor.kvpager.pages import PageKey
+    from hypervisor.kvpager.tiers import MemoryTier, NvmeTier
+
+    nvme = NvmeTier("nvme", 256 << 20, tmp_path / "pages")
+    pager = kvpager.KVPager.relevance([MemoryTier("ram", 64 << 20 if tier == "ram" else 0), nvme])
+    store = PagerStore(pager, ["ram", "nvme"])
+
+    def path(key):
+        return nvme.path(PageKey(key[0], store._blocks[key]))
+
+    return store, path if tier == "nvme" else None
+
+
 @needs_llm
-def test_displaced_sessions_come_back_from_ram_and_nvme_and_corruption_means_prefill(backend, tmp_path) -> None:
-    for store, tier in ((ParkingStore(ram_bytes=64 << 20), "ram"),
-                        (ParkingStore(ram_bytes=0, nvme_dir=tmp_path / "kv"), "nvme")):
-        service = ModelService(backend, None, ServiceConfig(), store=store)
+@pytest.mark.parametrize("make_store", [_parking, _pager], ids=["parking", "kvpager"])
+@pytest.mark.parametrize("tier", ["ram", "nvme"])
+def test_displaced_sessions_come_back_from_ram_and_nvme_and_corruption_means_prefill(
+        backend, tmp_path, make_store, tier) -> None:
+    store, page_path = make_store(tmp_path, tier)
+    service = ModelService(backend, None, ServiceConfig(), store=store)
 
-        def ask(sid: str, prompt: str):
-            chunks = list(service.complete("g", CompleteArgs(prompt=prompt, session=sid, max_tokens=3)))
-            return chunks[-1].usage
+    def ask(sid: str, prompt: str):
+        chunks = list(service.complete("g", CompleteArgs(prompt=prompt, session=sid, max_tokens=3)))
+        return chunks[-1].usage
 
-        for sid in ("a", "b", "c"):  # 3 sessions, 2 slots: "a" is displaced and parked
-            ask(sid, f"Session {sid}: {ROOM[:300]}")
-        assert store.tier(("g", "a")) == tier
-        back = ask("a", "Go on.")
-        assert back.kv_source == tier and back.cached_tokens > 50
-        if tier == "nvme":
-            ask("b", "Go on.")  # displaces "c" to a file, which we then damage
-            path = store.path(("g", "c"))
-            data = bytearray(path.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            path.write_bytes(bytes(data))
-            lost = ask("c", "Go on.")
-            assert lost.kv_source == "prefill"  # only the chat template's opening is reused, from a sibling
-            assert lost.cached_tokens < lost.prompt_tokens / 3 < back.cached_tokens
-        snap = service.snapshot()["guests"]["g"]
-        assert snap["kv"][tier] >= 1 and snap["sessions"] == 3
+    for sid in ("a", "b", "c"):  # 3 sessions, 2 slots: "a" is displaced and parked
+        ask(sid, f"Session {sid}: {ROOM[:300]}")
+    assert store.tier(("g", "a")) == tier
+    back = ask("a", "Go on.")
+    assert back.kv_source == tier and back.cached_tokens > 50
+    snap = service.snapshot()["guests"]["g"]
+    assert snap["kv"][tier] == 1 and snap["sessions"] == 3
+    if page_path is not None:
+        ask("b", "Go on.")  # displaces "c" to a file, which we then damage
+        path = page_path(("g", "c"))
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        lost = ask("c", "Go on.")
+        assert lost.kv_source == "prefill"  # only the chat template's opening is reused, from a sibling
+        assert lost.cached_tokens < lost.prompt_tokens / 3 < back.cached_tokens
 
 
 # -- Embed ----------------------------------------------------------------------------------------
