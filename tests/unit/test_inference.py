@@ -17,6 +17,7 @@ import pytest
 
 from hypervisor.inference.backends import GenParams, Message, llama_cpp_missing
 from hypervisor.inference.embed import minilm_missing
+from hypervisor.inference.errors import InvalidRequest
 from hypervisor.inference.parking import ParkingStore, decode, encode
 from hypervisor.inference.quotas import GuestQuota
 from hypervisor.inference.service import CompleteArgs, ModelService, ServiceConfig
@@ -339,3 +340,115 @@ def test_models_service_rides_each_guests_channel_and_a_shared_listener(tmp_path
             with pytest.raises(ModelsError) as unknown:
                 client.sessions()
             assert unknown.value.code == "PERMISSION_DENIED"
+
+
+# -- vLLM: the HTTP client against a stand-in server; the real server where it is installed -----
+
+
+CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
+
+
+@pytest.fixture
+def fake_vllm():
+    """An OpenAI-compatible server on 127.0.0.1 that streams a fixed answer and records requests."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, **body})
+            if self.path == "/tokenize":
+                reply = json.dumps({"count": len(body["prompt"].split())}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+                return
+            if body.get("max_tokens", 0) > 100:
+                self.send_error(400, "max_tokens too large for this model")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for text in ("The capital", " is", " Paris."):
+                event = {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+            last = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+            usage = {"choices": [], "usage": {"prompt_tokens": 17, "completion_tokens": 3,
+                                              "prompt_tokens_details": {"cached_tokens": 16}}}
+            for event in (last, usage):
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_vllm_backend_streams_from_an_openai_compatible_server(fake_vllm, tmp_path) -> None:
+    import json
+
+    from hypervisor.inference.backends import VllmBackend, VllmConfig
+
+    url, seen = fake_vllm
+    model = tmp_path / "smollm2-hf"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    backend = VllmBackend(VllmConfig(model=str(model), base_url=url))
+    assert backend.info().kv_state is False and backend.count_tokens("a b c") == 3
+    service = ModelService(backend, None)
+    grammar = 'root ::= "The capital is Paris."'
+    chunks = list(service.complete("g", CompleteArgs(prompt="Capital of France?", grammar=grammar, session="s",
+                                                     max_tokens=20)))
+    assert "".join(c.text for c in chunks) == "The capital is Paris."
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == (17, 16, 3)
+    sent = seen[-1]
+    assert sent["prompt"] == "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
+    assert sent["structured_outputs"] == {"grammar": grammar} and sent["stream"] is True
+    again = list(service.complete("g", CompleteArgs(prompt="And Spain?", session="s", max_tokens=20)))
+    assert again[-1].usage.kv_source == "engine"  # vLLM's own prefix cache keeps the history
+    assert seen[-1]["prompt"].startswith(sent["prompt"] + "The capital is Paris.<|im_end|>")
+    with pytest.raises(InvalidRequest, match="max_tokens too large"):  # the server's 400, as the guest's error
+        list(service.complete("g", CompleteArgs(prompt="Hi", max_tokens=500)))
+
+
+def test_vllm_backend_reports_not_installed_cleanly(tmp_path) -> None:
+    from hypervisor.inference.backends import VllmBackend, VllmConfig, vllm_missing
+    from hypervisor.inference.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="not installed"):
+        VllmBackend(VllmConfig(model="unused", venv=tmp_path / "no-venv"))
+    assert vllm_missing(tmp_path / "no-venv") is not None
+
+
+VLLM_MODEL = __import__("os").environ.get("NEURAOS_VLLM_MODEL", "")
+
+
+@pytest.mark.skipif(not VLLM_MODEL, reason="set NEURAOS_VLLM_MODEL to an HF model directory to run the real vLLM")
+def test_vllm_backend_against_a_real_server(tmp_path) -> None:
+    from hypervisor.inference.backends import VllmBackend, VllmConfig, vllm_missing
+
+    if vllm_missing():
+        pytest.skip(vllm_missing())
+    backend = VllmBackend(VllmConfig(model=VLLM_MODEL, start_timeout_s=900), log_dir=tmp_path)
+    try:
+        service = ModelService(backend, None)
+        chunks = list(service.complete("g", CompleteArgs(prompt="What is the capital of France?", max_tokens=12)))
+        assert "".join(c.text for c in chunks).strip() and chunks[-1].usage.completion_tokens >= 1
+        yes = list(service.complete("g", CompleteArgs(prompt="Is water wet?", grammar='root ::= "yes" | "no"')))
+        assert "".join(c.text for c in yes) in ("yes", "no")
+    finally:
+        backend.close()
+    assert backend.server is not None and backend.server.proc.poll() is not None  # no process left behind
