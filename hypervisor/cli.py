@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--min-mem", type=int, help="MiB")
     pol.add_argument("--max-mem", type=int, help="MiB")
     pol.add_argument("--priority", type=int, help="higher wins when the host is short")
+    from hypervisor.inference.cli import cmd_kv, cmd_models
+
+    add("models", cmd_models, "model backends, loaded models and the running model service")
+    add("kv", cmd_kv, "KV cache tiers, occupancy and hit rates per guest")
     con = add("console", cmd_console, "attach to a guest's serial console")
     con.add_argument("name")
     return p

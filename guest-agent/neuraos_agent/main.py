@@ -20,7 +20,8 @@ def _positive(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
+    """`tools` adds search and ask, whose modules are heavy: `run` never loads them."""
     parser = argparse.ArgumentParser(prog="neuraos-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neuraos-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print this guest's status as the host would see it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    if tools:
+        from neuraos_agent.rlm.cli import add_ask_parser
+        from neuraos_agent.vfs.cli import add_search_parser, cmd_search
+
+        add_search_parser(sub).set_defaults(func=cmd_search)
+        add_ask_parser(sub)  # sets func=cmd_ask
     return parser
 
 
@@ -89,8 +96,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return {"run": cmd_run, "status": cmd_status}[args.command](args)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(tools=not argv or argv[0] not in ("run", "status")).parse_args(argv)
+    handlers = {"run": cmd_run, "status": cmd_status}
+    return handlers[args.command](args) if args.command in handlers else args.func(args)
 
 
 if __name__ == "__main__":
