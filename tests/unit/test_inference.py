@@ -31,7 +31,7 @@ needs_llm = pytest.mark.skipif(NO_LLM is not None, reason=f"llama.cpp backend un
 needs_embed = pytest.mark.skipif(NO_EMBED is not None, reason=f"embeddings unavailable: {NO_EMBED}")
 
 ROOM = ("You are a helpful assistant. The operations log of this host reads: " +
-        " ".join(f"At step {i} the scheduler moved guest web-{i % 5} to {i % 3 + 1} vCPUs." for i in range(24)))
+        " ".join(f"At step {i} the scheduler moved guest web-{i % 5} to {i % 3 + 1} vCPUs." for i in range(16)))
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_restored_kv_state_gives_the_same_tokens_as_a_re_prefill_and_is_faster(b
     history = [Message("system", ROOM), Message("user", "Which guest moved last?")]
     first, _ = _run(backend, backend.render(history), slot=0)
     saved = backend.save(0)
-    assert len(saved.tokens) > 400 and len(saved.data) > 1 << 20
+    assert len(saved.tokens) > 280 and len(saved.data) > 1 << 20
     parked = decode(encode(saved))  # the form it takes in RAM or on NVMe
     assert parked == saved
     follow = backend.render([*history, Message("assistant", first), Message("user", "And before that?")])
