@@ -15,7 +15,7 @@ from hypervisor.inference.backends import (
 )
 from hypervisor.inference.embed import EmbedBatcher, MiniLMEmbedder
 from hypervisor.inference.errors import BackendUnavailable, InvalidRequest
-from hypervisor.inference.parking import ParkingStore
+from hypervisor.inference.parking import ParkingStore, StateStore
 from hypervisor.inference.quotas import GuestQuota
 from hypervisor.inference.service import ModelService, ServiceConfig
 
@@ -63,10 +63,27 @@ class ModelHost:
             except BackendUnavailable as exc:
                 self.unavailable.append(str(exc))
                 log.warning("model service: %s", exc)
-        self.store = ParkingStore(config.kv_ram_mib << 20, config.kv_nvme_dir, config.kv_nvme_mib << 20)
+        self.pager = None
+        self.store = self._store()
         self.service = ModelService(self.backend, self.batcher, ServiceConfig(
             quota=config.quota, guest_quotas=config.guest_quotas, snapshot_path=config.snapshot_path),
             store=self.store)
+
+    def _store(self) -> StateStore:
+        """The KV pager (relevance policy over RAM and NVMe) where present, else the ParkingStore."""
+        cfg = self.config
+        try:
+            from hypervisor.inference.pager_store import PagerStore
+            from hypervisor.kvpager.pager import KVPager
+            from hypervisor.kvpager.tiers import MemoryTier, NvmeTier
+        except ImportError:
+            return ParkingStore(cfg.kv_ram_mib << 20, cfg.kv_nvme_dir, cfg.kv_nvme_mib << 20)
+        tiers = [MemoryTier("ram", cfg.kv_ram_mib << 20)]
+        if cfg.kv_nvme_dir is not None:
+            tiers.append(NvmeTier("nvme", cfg.kv_nvme_mib << 20, cfg.kv_nvme_dir))
+        self.pager = KVPager.relevance(tiers)
+        self.pager.start()
+        return PagerStore(self.pager, [t.name for t in tiers])
 
     def __enter__(self) -> ModelHost:
         return self
@@ -76,6 +93,8 @@ class ModelHost:
 
     def close(self) -> None:
         self.service.close()
+        if self.pager is not None:
+            self.pager.close()
         if self.batcher is not None:
             self.batcher.close()
         if self.backend is not None:
