@@ -93,7 +93,8 @@ class CachedEmbedder:
         for shard in sorted(self.dir.glob("*.npz")):
             try:
                 z = np.load(shard)
-                self._known.update(zip((bytes(k) for k in z["keys"]), z["vecs"]))
+                raw = z["keys"].tobytes()  # not bytes(k): numpy drops a key's trailing NUL bytes
+                self._known.update((raw[16 * i:16 * i + 16], v) for i, v in enumerate(z["vecs"]))
             except (OSError, ValueError, KeyError):
                 continue
         self.hits = self.misses = 0

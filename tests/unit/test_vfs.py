@@ -409,13 +409,15 @@ def test_journal_records_torn_tail_and_compaction(tmp_path: Path) -> None:
         size = (tmp_path / "journal.log").stat().st_size
         assert j.compact(min_bytes=0)
         assert (tmp_path / "journal.log").stat().st_size < size / 5
+        with open(tmp_path / "journal.log", "ab") as f:
+            f.write(b"0badc0de {\"seq\": 500, \"op\": \"write\"}\n")  # damaged inside: skipped
         j.append("unlink", "f2.txt")
     with open(tmp_path / "journal.log", "ab") as f:
         f.write(b"0000")  # torn
     with Journal(tmp_path) as j:
         recs = j.pending()
         assert [r.seq for r in recs] == list(range(91, 103))
-        assert recs[-2].op == "rename" and recs[-2].dst == "g1.txt"
+        assert recs[-2].op == "rename" and recs[-2].dst == "g1.txt" and recs[-1].op == "unlink"
         assert j.append("write", "x").seq == 103
 
 
@@ -496,3 +498,52 @@ def test_chunker_by_format_keeps_offsets_and_context() -> None:
     csv_chunks = c.chunk_file("t.csv", b"city,country\nParis,France\nRome,Italy\n")
     assert csv_chunks[0].context == "city,country" and "Rome,Italy" in csv_chunks[0].text
     assert c.chunk_file("bin.dat", b"\x00\x01\x02binary") == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs that holds the backing files and the state, so both can run out of space."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_disk_full_writer_gets_enospc_and_indexing_resumes(small_disk: Path, tmp_path: Path,
+                                                          embedder: SwitchableEmbedder) -> None:
+    cfg = VFSConfig(backing=small_disk / "files", mountpoint=tmp_path / "mnt", state_dir=small_disk / "state",
+                    worker=WorkerConfig(gather_s=0.01, retry_initial_s=0.05, retry_max_s=0.2))
+    with mounted(cfg, embedder) as vfs:
+        m = cfg.mountpoint
+        write_topics(m)
+        assert vfs.wait_indexed(30)
+        with pytest.raises(OSError) as full:
+            with open(m / "filler.bin", "wb") as f:
+                for _ in range(64):
+                    f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        assert full.value.errno == errno.ENOSPC
+        for rel, text in TOPICS.items():
+            assert (m / rel).read_text() == text  # nothing already written is lost
+        os.unlink(m / "filler.bin")  # space returns
+        (m / "late.txt").write_text("A volcano erupted and lava flowed into the sea.")
+        assert vfs.wait_indexed(30)
+        assert paths(vfs.search("eruption of molten rock", k=1)) == ["late.txt"]
+        assert vfs.journal is not None and vfs.journal.pending() == []
+
+
+def test_minilm_matches_sentence_transformers(minilm: "MiniLMEmbedder") -> None:
+    """The plain-torch encoder gives sentence-transformers' vectors (first dims pinned from it)."""
+    text = "A cat is sleeping on the warm windowsill."
+    reference = [0.10248, -0.01583, -0.04848, 0.12296, -0.04878, 0.01571, -0.00325, 0.00173]
+    alone = minilm.embed([text])[0]
+    assert np.allclose(alone[:8], reference, atol=2e-4)
+    assert abs(float(np.linalg.norm(alone)) - 1.0) < 1e-5
+    padded = minilm.embed(["a much longer sentence " * 20, text])[1]  # padding must not change it
+    assert np.allclose(alone, padded, atol=1e-5)

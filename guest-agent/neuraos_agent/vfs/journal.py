@@ -10,7 +10,9 @@ rename; `compact()` then rewrites the journal with only the pending records.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +20,8 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger("neuraos.vfs.journal")
 
 JOURNAL = "journal.log"
 CHECKPOINT = "journal.ckpt"
@@ -40,7 +44,7 @@ class Record:
 
 
 def _decode(line: bytes) -> Record | None:
-    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
+    if len(line) < 10 or line[8:9] != b" ":
         return None
     raw = line[9:-1]
     try:
@@ -75,9 +79,16 @@ class Journal:
         with self._lock:
             if self._closed:
                 raise ValueError("journal is closed")
+            rec = Record(self._seq + 1, op, path, dst, time.time())
+            data = rec.encode()
+            end = os.fstat(self._fd).st_size
+            try:
+                if os.write(self._fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write to the journal")
+            except OSError:
+                os.ftruncate(self._fd, end)  # never leave half a record before the next one
+                raise
             self._seq += 1
-            rec = Record(self._seq, op, path, dst, time.time())
-            os.write(self._fd, rec.encode())
             self._records.append(rec)
             self._dirty = True
             self._changed.notify_all()
@@ -168,20 +179,26 @@ class Journal:
             return 0
 
     def _recover(self) -> list[Record]:
-        """Valid records past the checkpoint; a torn or damaged tail is truncated away."""
+        """Valid records past the checkpoint. A torn last line (a crash mid-append) is truncated
+        away; a damaged line inside is skipped (the worker's reconcile covers what it said)."""
         records: list[Record] = []
         good = 0
+        damaged = 0
         try:
             with open(self.path, "rb") as f:
                 for line in _lines(f):
+                    if not line.endswith(b"\n"):
+                        break  # torn tail
+                    good += len(line)
                     rec = _decode(line)
                     if rec is None:
-                        break
-                    good += len(line)
-                    if rec.seq > self._committed:
+                        damaged += 1
+                    elif rec.seq > self._committed:
                         records.append(rec)
         except FileNotFoundError:
             return []
+        if damaged:
+            log.warning("journal %s: skipped %d damaged records", self.path, damaged)
         if good < self.path.stat().st_size:
             with open(self.path, "r+b") as f:
                 f.truncate(good)

@@ -211,8 +211,15 @@ class VectorFS:
         pyfuse3.close(unmount=True)
 
     def _on_change(self, op: str, path: str, dst: str) -> None:
-        if self.journal is not None:
+        if self.journal is None:
+            return
+        try:
             self.journal.append(op, path, dst)
+        except OSError as exc:
+            # the write itself went through; only its record is lost: a full reconcile finds it
+            log.warning("cannot journal %s %s (%s); the index will be reconciled with the files", op, path, exc)
+            if self.worker is not None:
+                self.worker.request_reconcile()
 
     def _fs_search(self, query: str, caller: Caller) -> list[Match]:
         return [Match(h.path, h.score) for h in self.search(query, k=self.config.search_k, caller=caller,

@@ -9,6 +9,7 @@ stays pending and is retried with backoff, so the journal holds the work until t
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -57,6 +58,7 @@ class IndexWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
+        self._reconcile_requested = threading.Event()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vfs-indexer", daemon=True)
@@ -68,6 +70,11 @@ class IndexWorker:
             self._idle.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def request_reconcile(self) -> None:
+        """A change could not be journalled (disk full): compare everything with the files again."""
+        self._reconcile_requested.set()
+        self._notify()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once everything journalled before this call is in the index."""
@@ -87,7 +94,8 @@ class IndexWorker:
         store_failures = 0
         while not self._stop.is_set():
             try:
-                if not self.state.reconciled:
+                if not self.state.reconciled or self._reconcile_requested.is_set():
+                    self._reconcile_requested.clear()
                     self._reconcile()
                 elif not self._step():
                     continue
@@ -161,5 +169,7 @@ class IndexWorker:
 
 
 def _store_error(exc: BaseException) -> bool:
-    """An error raised by the vector store itself (not by the embedder or the files)."""
+    """An error of the vector store itself (not of the embedder, the files, or a full disk)."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in str(exc):
+        return False  # waits for space; rebuilding would not help
     return type(exc).__module__.split(".")[0] in ("pymilvus", "milvus_lite")
