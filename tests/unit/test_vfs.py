@@ -531,7 +531,10 @@ def test_disk_full_writer_gets_enospc_and_indexing_resumes(small_disk: Path, tmp
         assert full.value.errno == errno.ENOSPC
         for rel, text in TOPICS.items():
             assert (m / rel).read_text() == text  # nothing already written is lost
-        os.unlink(m / "filler.bin")  # space returns
+        os.unlink(m / "filler.bin")  # space returns once FUSE's (asynchronous) release closes it
+        deadline = time.monotonic() + 10
+        while os.statvfs(m).f_bavail * os.statvfs(m).f_frsize < 4 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
         (m / "late.txt").write_text("A volcano erupted and lava flowed into the sea.")
         assert vfs.wait_indexed(30)
         assert paths(vfs.search("eruption of molten rock", k=1)) == ["late.txt"]

@@ -34,7 +34,7 @@ from neuraos_agent.vfs.permissions import Caller
 from neuraos_agent.vfs.query_socket import QueryServer
 from neuraos_agent.vfs.search import RankingConfig, Searcher, SearchHit
 from neuraos_agent.vfs.sync import IndexSync
-from neuraos_agent.vfs.worker import IndexWorker, WorkerConfig, WorkerState
+from neuraos_agent.vfs.worker import IndexWorker, WordsFollower, WorkerConfig, WorkerState
 
 log = logging.getLogger("neuraos.vfs")
 
@@ -91,6 +91,7 @@ class VectorFS:
         self.searcher = Searcher(config.backing, self.index, self.lexical, embedder, config.ranking)
         self.sync: IndexSync | None = None
         self.worker: IndexWorker | None = None
+        self.words: WordsFollower | None = None
         self._fuse_thread: threading.Thread | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._fuse_ready = threading.Event()
@@ -121,6 +122,8 @@ class VectorFS:
                 self._mount()
             self.worker = IndexWorker(self.journal, self.sync, self._rebuild, self.index.flush, cfg.worker)
             self.worker.start()
+            self.words = WordsFollower(self.journal, self.sync)
+            self.words.start()
             if cfg.query_socket is not None:
                 self._query_server = QueryServer(
                     cfg.query_socket, lambda q, k, prefix, caller: self.search(q, k, prefix, caller))
@@ -137,6 +140,9 @@ class VectorFS:
         try:
             self._unmount()
         finally:
+            if self.words is not None:
+                self.words.stop()
+                self.words = None
             if self.worker is not None:
                 self.worker.stop()
                 self.worker = None

@@ -110,7 +110,20 @@ class IndexSync:
         report.files_unchanged += len(on_disk) - len(stale)
         return report
 
-    def expand(self, paths: Iterable[str]) -> list[str]:
+    def sync_words(self, paths: Iterable[str]) -> int:
+        """Only the BM25 side, for the words follower: no vector store, no embedding, milliseconds."""
+        done = 0
+        for path in self.expand(paths, use_index=False):
+            if self._stat_regular(path) is None:
+                self.lexical.remove(path)
+                continue
+            chunks = self._read_chunks(path)
+            if chunks is not None:
+                self.lexical.set(path, *lexical_text((c.text, c.context) for c in chunks))
+                done += 1
+        return done
+
+    def expand(self, paths: Iterable[str], use_index: bool = True) -> list[str]:
         """Journal paths → file paths: a directory (renamed, removed) stands for what is under it."""
         out: set[str] = set()
         for rel in paths:
@@ -130,7 +143,8 @@ class IndexSync:
             else:
                 out.add(rel)
             if st is None or not stat_m.S_ISREG(st.st_mode):
-                out.update(self.index.under(rel))
+                if use_index:
+                    out.update(self.index.under(rel))
                 prefix = rel + "/"
                 out.update(k for k in self.lexical.keys() if isinstance(k, str) and k.startswith(prefix))
         return sorted(out)

@@ -1,6 +1,10 @@
-"""The indexing worker: turns journal records into index updates, in its own thread, in batches.
+"""The indexing workers: turn journal records into index updates, in their own threads.
 
-It never blocks a writer: the file system only appends to the journal. The worker first brings
+Two followers read the same journal. `WordsFollower` puts each closed file into the BM25 index
+within milliseconds (no embedding needed), so a file is found by its words at once even while the
+embedder is slow or away. `IndexWorker` is the one that commits.
+
+Neither blocks a writer: the file system only appends to the journal. The worker first brings
 the whole index in line with the files (`reconcile`: this is what makes a crash, a lost journal
 tail or a rolled-back Milvus manifest harmless), then follows the journal. Records are committed
 only after their batch is in the index and flushed; when the embedder is unreachable the batch
@@ -173,3 +177,38 @@ def _store_error(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in str(exc):
         return False  # waits for space; rebuilding would not help
     return type(exc).__module__.split(".")[0] in ("pymilvus", "milvus_lite")
+
+
+class WordsFollower:
+    """Follows the journal (without committing) and keeps the BM25 index current right away."""
+
+    def __init__(self, journal: Journal, sync: IndexSync) -> None:
+        self.journal = journal
+        self.sync = sync
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.seen = journal.last_seq  # older records are covered by the worker's reconcile
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vfs-words", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            records = self.journal.pending(after=self.seen)
+            if not records:
+                self.journal.wait(self.seen, timeout=0.2)
+                continue
+            paths: list[str] = []
+            for rec in records[:256]:
+                paths += [rec.path, rec.dst] if rec.dst else [rec.path]
+            try:
+                self.sync.sync_words(dict.fromkeys(paths))
+            except Exception:  # noqa: BLE001 - the worker's full pass covers anything missed here
+                log.exception("updating the word index failed")
+            self.seen = records[min(len(records), 256) - 1].seq
