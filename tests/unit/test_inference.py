@@ -141,6 +141,26 @@ def test_second_guest_cannot_read_or_resume_the_first_guests_session(backend, ma
 
 
 @needs_llm
+def test_two_guests_generate_at_once_on_their_own_slots(backend, make_host) -> None:
+    host = make_host(backend)
+    clients = {g: host.client(g) for g in ("alpha", "beta")}
+    answers: dict[str, str] = {}
+    start = threading.Barrier(2)
+
+    def run(guest: str) -> None:
+        start.wait()
+        answers[guest] = clients[guest].complete("Name a colour.", session="chat", max_tokens=6).text
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert answers["alpha"] and answers["alpha"] == answers["beta"]  # greedy: same prompt, same answer
+    assert sorted(host.service.pool.occupancy()) == ["alpha/chat", "beta/chat"]
+
+
+@needs_llm
 def test_quota_refuses_with_resource_exhausted_and_others_are_served(backend, make_host) -> None:
     host = make_host(backend, guest_quotas={
         "greedy": GuestQuota(tokens_per_s=1.0, burst_tokens=10, max_inflight=4),
@@ -158,7 +178,11 @@ def test_quota_refuses_with_resource_exhausted_and_others_are_served(backend, ma
     with pytest.raises(ModelsError) as busy:
         eager.complete("Say hi.", max_tokens=2).text
     assert busy.value.code == "RESOURCE_EXHAUSTED"
-    running.cancel()
+    running.cancel()  # the host stops generating and frees the call, the slot and the session
+    deadline = time.monotonic() + 10
+    while host.service.limits("eager").inflight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert eager.complete("Say hi.", max_tokens=2).text
     hoarder.complete("Hi.", session="a", max_tokens=2).text
     with pytest.raises(ModelsError) as full:
         hoarder.complete("Hi.", session="b", max_tokens=2).text
