@@ -32,6 +32,8 @@ from hypervisor.inference.errors import BackendUnavailable, InferenceError, Inva
 log = logging.getLogger("neuraos.inference")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONTEXT_PARAMS_LOCK = threading.Lock()
+_SCRATCH = 1  # the sequence pages pass through on their way out of / into sequence 0
 
 
 @dataclass(frozen=True)
@@ -64,15 +66,25 @@ class Piece:
 
 @dataclass(frozen=True)
 class KVState:
-    """One context's KV cache as bytes, with the tokens it encodes (the prefix it can serve)."""
+    """One context's KV cache as pages: `blocks[i]` holds the KV of tokens[i*B:(i+1)*B].
+
+    Pages let sessions that share a prefix (a guest's agents with one system document) share
+    its pages in the pager, and let a state whose later pages were lost still restore the
+    prefix it has: `prefix(n)` is the state of the first n pages.
+    """
 
     model: str
     tokens: tuple[int, ...]
-    data: bytes
+    blocks: tuple[bytes, ...]
+    block_tokens: int
 
     @property
     def nbytes(self) -> int:
-        return len(self.data) + 4 * len(self.tokens)
+        return sum(len(b) for b in self.blocks) + 4 * len(self.tokens)
+
+    def prefix(self, n_blocks: int) -> KVState:
+        n = min(n_blocks, len(self.blocks))
+        return KVState(self.model, self.tokens[: n * self.block_tokens], self.blocks[:n], self.block_tokens)
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,7 @@ class LlamaCppConfig:
     n_ctx: int = 2048
     n_threads: int = 2
     n_batch: int = 512
+    page_tokens: int = 128  # tokens per KV page when a slot's state is saved
 
 
 class LlamaCppBackend:
@@ -185,8 +198,10 @@ class LlamaCppBackend:
 
     A slot's KV cache serves any prompt that extends the tokens it already holds, so a session
     that keeps its slot, or gets its saved state restored into one, prefills only its new turn.
-    State moves with llama.cpp's per-sequence state API (`llama_state_seq_get/set_data`): only
-    the KV cells, not the logits buffer the whole-context API would copy.
+    State moves page by page with llama.cpp's per-sequence state API: a token range of the
+    slot's sequence 0 is tagged onto scratch sequence 1 (`llama_memory_seq_cp`) and exported
+    (`llama_state_seq_get_data`, KV cells with their positions, not the logits buffer); a page
+    is imported into sequence 1 and re-tagged onto 0. Hence contexts with two sequences.
     """
 
     name = "llama.cpp"
@@ -217,9 +232,28 @@ class LlamaCppBackend:
 
     def _load(self, vocab_only: bool = False):
         cfg = self.config
-        return self._llama_cpp.Llama(
+        make = lambda: self._llama_cpp.Llama(  # noqa: E731
             str(self.model_path), n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_threads_batch=cfg.n_threads,
             n_batch=cfg.n_batch, vocab_only=vocab_only, verbose=False, seed=0)
+        if vocab_only:
+            return make()
+        # llama-cpp-python does not expose n_seq_max: give this one context a scratch sequence
+        # (one unified KV cache of n_ctx cells) by amending the defaults it asks llama.cpp for.
+        import llama_cpp.llama as llama_module
+
+        with _CONTEXT_PARAMS_LOCK:
+            default = llama_module.llama_cpp.llama_context_default_params
+
+            def two_sequences():
+                params = default()
+                params.n_seq_max, params.kv_unified = 2, True
+                return params
+
+            llama_module.llama_cpp.llama_context_default_params = two_sequences
+            try:
+                return make()
+            finally:
+                llama_module.llama_cpp.llama_context_default_params = default
 
     def _token_text(self, token: int) -> str:
         if token < 0:
@@ -315,35 +349,51 @@ class LlamaCppBackend:
                     completion_tokens=produced)
 
     def save(self, slot: int) -> KVState:
+        """The slot's KV state as pages of `page_tokens` tokens (the last one may be shorter)."""
         llm = self._slot(slot)
-        lc = self._llama_cpp
-        size = lc.llama_state_seq_get_size(llm._ctx.ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        n = lc.llama_state_seq_get_data(llm._ctx.ctx, buf, size, 0)
-        if n == 0 and llm.n_tokens:
-            raise InferenceError(f"llama.cpp could not copy slot {slot}'s KV state")
-        return KVState(self.model, tuple(llm.input_ids[: llm.n_tokens].tolist()), ctypes.string_at(buf, n))
+        lc, ctx = self._llama_cpp, llm._ctx.ctx
+        mem = lc.llama_get_memory(ctx)
+        n, size = llm.n_tokens, self.config.page_tokens
+        blocks = []
+        for p0 in range(0, n, size):
+            lc.llama_memory_seq_cp(mem, 0, _SCRATCH, p0, min(n, p0 + size))
+            try:
+                need = lc.llama_state_seq_get_size(ctx, _SCRATCH)
+                buf = (ctypes.c_uint8 * need)()
+                got = lc.llama_state_seq_get_data(ctx, buf, need, _SCRATCH)
+            finally:
+                lc.llama_memory_seq_rm(mem, _SCRATCH, -1, -1)
+            if got == 0:
+                raise InferenceError(f"llama.cpp could not copy slot {slot}'s KV state")
+            blocks.append(ctypes.string_at(buf, got))
+        return KVState(self.model, tuple(llm.input_ids[:n].tolist()), tuple(blocks), size)
 
     def restore(self, slot: int, state: KVState) -> None:
-        if state.model != self.model:
-            raise InferenceError(f"KV state of model {state.model} cannot load into {self.model}")
+        """Load the pages in order; a state cut to a prefix of its pages restores that prefix."""
+        if state.model != self.model or state.block_tokens != self.config.page_tokens:
+            raise InferenceError(f"KV state of {state.model} ({state.block_tokens}-token pages) cannot load "
+                                 f"into {self.model} ({self.config.page_tokens}-token pages)")
         llm = self._slot(slot)
-        lc = self._llama_cpp
+        lc, ctx = self._llama_cpp, llm._ctx.ctx
+        mem = lc.llama_get_memory(ctx)
         self.clear(slot)
-        if not state.tokens:
-            return
-        buf = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
-        if lc.llama_state_seq_set_data(llm._ctx.ctx, buf, len(state.data), 0) == 0:
-            self.clear(slot)
-            raise InferenceError("llama.cpp refused the KV state (wrong model or context size)")
-        n = len(state.tokens)
-        llm.input_ids[:n] = state.tokens
+        for block in state.blocks:
+            buf = (ctypes.c_uint8 * len(block)).from_buffer_copy(block)
+            ok = lc.llama_state_seq_set_data(ctx, buf, len(block), _SCRATCH)
+            if ok:
+                lc.llama_memory_seq_cp(mem, _SCRATCH, 0, -1, -1)
+            lc.llama_memory_seq_rm(mem, _SCRATCH, -1, -1)
+            if not ok:
+                self.clear(slot)
+                raise InferenceError("llama.cpp refused a KV page (wrong model or context size)")
+        n = min(len(state.tokens), len(state.blocks) * state.block_tokens)
+        llm.input_ids[:n] = state.tokens[:n]
         llm.n_tokens = n
         llm._requires_eval = True  # the logits in the context belong to whatever ran before
 
     def clear(self, slot: int) -> None:
         llm = self._slot(slot)
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(llm._ctx.ctx), True)
         llm.n_tokens = 0
         llm._requires_eval = True
 

@@ -15,7 +15,8 @@ would stand after that turn: parked in the store for the NeuraOS rows, absent fo
 Time to first token is the service's own measure (request in to first token out, slot swap
 and restore included). Answers are greedy, so every system must give the same text; the
 fraction that does is reported as `same_answer_frac`. Parked states go through the KV pager
-(hypervisor/kvpager, relevance policy) where it is present, else the service's ParkingStore.
+(hypervisor/kvpager, relevance policy) where it is present, else the service's ParkingStore;
+with the pager, the agents' shared document is stored once (`kv_stored_mib` vs `parked_mib`).
 """
 
 from __future__ import annotations
@@ -176,12 +177,14 @@ def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, historie
     store = _store(system, nvme_root) if system.startswith("neuraos") else None
     service = _service(backend, cfg, store)
     assert service.pool is not None
+    seeded = 0
     for i, h in enumerate(histories):
         session = service.sessions.open(GUEST, f"agent-{i}", resume=False, raw=False, max_sessions=cfg.sessions)
         session.messages, session.turns, session.tokens = list(h.messages), 1, h.tokens
         service.sessions.done(session)
         if store is not None:
             store.put(session.key, h.state)
+            seeded += h.state.nbytes
     service.pool.reuse_guest_prefix = system != "re-prefill"
     ttft, miss_ttft, answers, sources, prefilled = [], [], [], [], []
     t0 = time.perf_counter()
@@ -205,8 +208,9 @@ def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, historie
         "slot_hits": sources.count("slot"),
         "re_prefills": sources.count("prefill"),
         "wall_s": round(wall, 2),
-        "parked_mib": round(service.pool.parked_bytes / 2**20, 1),
+        "parked_mib": round((seeded + service.pool.parked_bytes) / 2**20, 1),  # every state parked, in full
         "kv_store": type(store).__name__ if store is not None else None,
+        "kv_stored_mib": round(sum(t["used_bytes"] for t in store.usage().values()) / 2**20, 1) if store else 0.0,
         "_answers": answers,
     }
 

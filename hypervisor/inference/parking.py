@@ -23,7 +23,7 @@ from hypervisor.inference.backends import KVState
 log = logging.getLogger("neuraos.inference")
 
 Key = tuple[str, str]  # (guest, session)
-_MAGIC = b"NKV1"
+_MAGIC = b"NKV2"
 
 
 class StateStore(Protocol):
@@ -39,11 +39,12 @@ class StateStore(Protocol):
 
 
 def encode(state: KVState) -> bytes:
-    """Header (json: model, token count, sha256 of the rest) + int32 tokens + KV bytes."""
+    """Header (json: model, token count, page sizes, sha256 of the rest) + int32 tokens + pages."""
     tokens = struct.pack(f"<{len(state.tokens)}i", *state.tokens)
-    digest = hashlib.sha256(tokens + state.data).hexdigest()
-    head = json.dumps({"model": state.model, "n": len(state.tokens), "sha256": digest}).encode()
-    return _MAGIC + struct.pack("<I", len(head)) + head + tokens + state.data
+    body = tokens + b"".join(state.blocks)
+    head = json.dumps({"model": state.model, "n": len(state.tokens), "block_tokens": state.block_tokens,
+                       "sizes": [len(b) for b in state.blocks], "sha256": hashlib.sha256(body).hexdigest()}).encode()
+    return _MAGIC + struct.pack("<I", len(head)) + head + body
 
 
 def decode(blob: bytes) -> KVState | None:
@@ -58,8 +59,12 @@ def decode(blob: bytes) -> KVState | None:
             return None
         n = int(head["n"])
         tokens = struct.unpack_from(f"<{n}i", body, 0)
-        return KVState(str(head["model"]), tuple(tokens), bytes(body[4 * n:]))
-    except (ValueError, KeyError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        blocks, at = [], 4 * n
+        for size in head["sizes"]:
+            blocks.append(bytes(body[at:at + size]))
+            at += size
+        return KVState(str(head["model"]), tuple(tokens), tuple(blocks), int(head["block_tokens"]))
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
