@@ -12,6 +12,7 @@ sibling left in the slot (agents of one guest share long system prompts and docu
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,10 @@ from typing import Callable
 
 from hypervisor.inference.backends import Backend, Message
 from hypervisor.inference.errors import InferenceError, InvalidRequest, QuotaExceeded, SessionBusy, SessionNotFound
+from hypervisor.errors import NeuraError
 from hypervisor.inference.parking import Key, StateStore
+
+log = logging.getLogger("neuraos.inference")
 
 KV_SOURCES = ("fresh", "slot", "ram", "nvme", "prefill")  # where a request's KV prefix came from
 
@@ -150,8 +154,12 @@ class SlotPool:
         victim.slot = None
         if victim.ephemeral or self.store is None or not victim.tokens:
             return
-        state = self.backend.save(slot)
-        self.store.put(victim.key, state)
+        try:
+            state = self.backend.save(slot)
+            self.store.put(victim.key, state)
+        except NeuraError as exc:  # parking is an optimisation: the victim re-prefills instead
+            log.warning("kv: could not park %s/%s: %s", *victim.key, exc)
+            return
         self.parked_bytes += state.nbytes
 
     def _load(self, slot: int, session: Session) -> str:
