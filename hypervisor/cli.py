@@ -86,6 +86,8 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
 
     from hypervisor.controller import Controller
     from hypervisor.link.server import LinkServer
+    from hypervisor.inference.cli import snapshot_path
+    from hypervisor.inference.host import ModelHost, ModelHostConfig
     from hypervisor.link.transport import detect_transport
     from hypervisor.link.vsock_relay import CidTable, VsockRelay, VsockRelayTransport, vsock_listener
     from hypervisor.state import Store
@@ -115,7 +117,12 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
         choice = detect_transport(cfg.run_dir / "link")
         transport = choice.transport
         say(f"link: [bold]{transport.kind}[/] — {choice.reason}")
-        link = stack.enter_context(LinkServer(transport, heartbeat_interval_s=cfg.heartbeat_s))
+        models = stack.enter_context(ModelHost(ModelHostConfig(
+            snapshot_path=snapshot_path(cfg), kv_nvme_dir=cfg.state_dir / "kv")))
+        for why in models.unavailable:
+            say(f"model service: [yellow]{why}[/]")
+        link = stack.enter_context(LinkServer(transport, heartbeat_interval_s=cfg.heartbeat_s,
+                                              services=models.service.handlers))
         cids = None
         if isinstance(transport, VsockRelayTransport):
             cids = CidTable(transport)

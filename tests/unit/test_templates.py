@@ -41,6 +41,7 @@ def test_tcg_guest_renders_valid_xml_with_everything_the_foundation_needs():
     assert root.find("vcpu").get("current") == "1" and root.find("vcpu").text == "4"
     assert root.find("memory").text == "1024" and root.find("currentMemory").text == "512"
     assert root.find("features/tcg/tb-cache").text == "128"
+    assert root.find("cpu").get("mode") == "maximum"  # x86-64-v2 at least, for numpy
     assert root.find("devices/memballoon/stats").get("period") == "5"
     assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
     assert root.find("devices/disk/target").get("bus") == "virtio"

@@ -16,6 +16,7 @@ import pytest
 
 from hypervisor.config import Config, GuestDefaults
 from hypervisor.controller import Controller
+from hypervisor.inference.host import ModelHost, ModelHostConfig
 from hypervisor.link.server import LinkServer
 from hypervisor.link.transport import UnixForwardTransport
 from hypervisor.state import Store
@@ -44,6 +45,7 @@ class Host:
     link: LinkServer
     controller: Controller
     accel: Accel
+    models: ModelHost
     image: GuestImage
     name: str
     ssh_port: int
@@ -53,7 +55,8 @@ class Host:
         """Stop the link server and controller and start fresh ones, as a process restart would."""
         self.controller.close()
         self.link.stop()
-        self.link = LinkServer(self.transport, heartbeat_interval_s=self.config.heartbeat_s)
+        self.link = LinkServer(self.transport, heartbeat_interval_s=self.config.heartbeat_s,
+                               services=self.models.service.handlers)
         self.link.start()
         self.controller = Controller(self.config, self.conn, self.link, self.store, self.transport, self.accel)
         self.controller.reattach()
@@ -87,19 +90,21 @@ def host():
     conn.open()
     store = Store(cfg.store_path)
     transport = UnixForwardTransport(cfg.run_dir / "link")
-    link = LinkServer(transport, heartbeat_interval_s=1.0)
+    models = ModelHost(ModelHostConfig(kv_nvme_dir=work / "kv", kv_nvme_mib=256))
+    link = LinkServer(transport, heartbeat_interval_s=1.0, services=models.service.handlers)
     link.start()
     ctl = Controller(cfg, conn, link, store, transport, accel)
     domains.undefine(conn, GUEST)  # leftovers of an interrupted earlier run
     boot = ctl.up(GUEST, image)
     rec = store.guest(GUEST)
-    h = Host(cfg, conn, store, transport, link, ctl, accel, image, GUEST, rec.spec["ssh_port"], boot)
+    h = Host(cfg, conn, store, transport, link, ctl, accel, models, image, GUEST, rec.spec["ssh_port"], boot)
     print(f"\n[vm] {accel.kind}: {accel.reason}; image {image.key[:12]}; boot-to-agent {boot:.1f} s")
     yield h
     try:
         h.controller.down(GUEST)
     finally:
         h.link.stop()
+        models.close()
         store.close()
         conn.close()
         shutil.rmtree(work, ignore_errors=True)
