@@ -1,16 +1,28 @@
 """The vector file system: a FUSE mount whose files are also searchable by meaning.
 
 Public API: `VectorFS` (with `VFSConfig`), the `Embedder` protocol (`MiniLMEmbedder` for the host
-and benchmarks), `RankingConfig`/`SearchHit` for search, `Caller` for permission-filtered queries.
+and benchmarks), `RankingConfig`/`SearchHit` for search, `Caller` for permission-filtered queries,
+and `cli.main`/`cli.cmd_search` for `neuraos-agent search`. Names are imported on first use, so
+the CLI does not pay for pyfuse3, numpy and Milvus just to ask the running agent a question.
 """
 
-from neuraos_agent.vfs.embedder import Embedder, MiniLMEmbedder
-from neuraos_agent.vfs.errors import EmbedderUnavailable, IndexCorrupt, VFSError
-from neuraos_agent.vfs.mount import VectorFS, VFSConfig, VFSStatus
-from neuraos_agent.vfs.permissions import Caller
-from neuraos_agent.vfs.search import RankingConfig, SearchHit
+from __future__ import annotations
 
-__all__ = [
-    "Caller", "Embedder", "EmbedderUnavailable", "IndexCorrupt", "MiniLMEmbedder",
-    "RankingConfig", "SearchHit", "VFSConfig", "VFSError", "VFSStatus", "VectorFS",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Caller": "permissions", "Embedder": "embedder", "EmbedderUnavailable": "errors",
+    "IndexCorrupt": "errors", "MiniLMEmbedder": "embedder", "RankingConfig": "search",
+    "SearchHit": "search", "VFSConfig": "mount", "VFSError": "errors", "VFSStatus": "mount",
+    "VectorFS": "mount",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)

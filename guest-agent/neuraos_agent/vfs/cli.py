@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from neuraos_agent.vfs.errors import VFSError
-from neuraos_agent.vfs.query_socket import query
 
 DEFAULT_SOCKET = Path(os.environ.get("NEURAOS_VFS_SOCKET", "/run/neuraos/vfs.sock"))
 
@@ -37,6 +36,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.k < 1:
         print("neuraos-agent search: -k must be at least 1", file=sys.stderr)
         return 2
+    from neuraos_agent.vfs.query_socket import query
+
     try:
         hits = query(args.socket, args.query, args.k, args.path_prefix)
     except VFSError as exc:

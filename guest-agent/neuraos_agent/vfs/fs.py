@@ -34,6 +34,7 @@ VIRTUAL_BASE = 1 << 60
 SEARCH_INODE = VIRTUAL_BASE
 ENTRY_TIMEOUT_S = 1.0
 NAME_MAX = 255
+MAX_QUERY_DIRS = 256
 
 
 @dataclass(frozen=True)
@@ -553,7 +554,17 @@ class PassthroughFS(pyfuse3.Operations):
             self._links[ino] = target
             entries.append((ename, ino, target))
         self._queries[inode] = _QueryDir(inode, query, ctx.uid, time.monotonic(), entries)
+        self._evict_queries()
         return self._virtual_dir_attr(inode)
+
+    def _evict_queries(self) -> None:
+        """Keep the newest `MAX_QUERY_DIRS` listings; an evicted one is simply asked again."""
+        while len(self._queries) > MAX_QUERY_DIRS:
+            oldest = min(self._queries.values(), key=lambda q: q.made)
+            del self._queries[oldest.inode]
+            self._query_by_key.pop((oldest.uid, oldest.query), None)
+            for _, ino, _ in oldest.entries:
+                self._links.pop(ino, None)
 
     def _alloc(self) -> int:
         self._next_virtual += 1

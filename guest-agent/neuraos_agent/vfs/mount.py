@@ -88,7 +88,9 @@ class VectorFS:
         self.journal: Journal | None = None
         self.index = VectorIndex(config.index_path, embedder.dim, config.index_type)
         self.lexical = BM25Index()
-        self.searcher = Searcher(config.backing, self.index, self.lexical, embedder, config.ranking)
+        self.chunk_counts: dict[str, int] = {}
+        self.searcher = Searcher(config.backing, self.index, self.lexical, embedder, self.chunk_counts,
+                                 config.ranking)
         self.sync: IndexSync | None = None
         self.worker: IndexWorker | None = None
         self.words: WordsFollower | None = None
@@ -116,7 +118,8 @@ class VectorFS:
         try:
             self.journal = Journal(cfg.journal_dir)
             self._open_index()
-            self.sync = IndexSync(cfg.backing, self.index, self.lexical, self.embedder, self.chunker)
+            self.sync = IndexSync(cfg.backing, self.index, self.lexical, self.embedder, self.chunker,
+                                  chunk_counts=self.chunk_counts)
             self.sync.load_lexical()
             if self.mount_enabled:
                 self._mount()
@@ -167,6 +170,7 @@ class VectorFS:
             self.index.open()
             for key in self.lexical.keys():
                 self.lexical.remove(key)
+            self.chunk_counts.clear()
 
     def _say_rebuild(self, exc: IndexCorrupt) -> None:
         self.index_rebuilds += 1

@@ -17,15 +17,17 @@ import struct
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from neuraos_agent.vfs.errors import VFSError
 from neuraos_agent.vfs.permissions import Caller
-from neuraos_agent.vfs.search import SearchHit
+
+if TYPE_CHECKING:
+    from neuraos_agent.vfs.search import SearchHit
 
 log = logging.getLogger("neuraos.vfs.socket")
 
-SearchCall = Callable[[str, int, str, Caller], list[SearchHit]]
+SearchCall = Callable[[str, int, str, Caller], "list[SearchHit]"]
 MAX_REQUEST = 64 * 1024
 
 
@@ -78,8 +80,10 @@ class QueryServer:
         self.path.unlink(missing_ok=True)
 
 
-def query(path: Path, query_text: str, k: int = 10, path_prefix: str = "", timeout: float = 30.0) -> list[SearchHit]:
+def query(path: Path, query_text: str, k: int = 10, path_prefix: str = "", timeout: float = 30.0) -> list["SearchHit"]:
     """Ask the running agent; `VFSError` when it is not running or the search failed."""
+    from neuraos_agent.vfs.search import SearchHit
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

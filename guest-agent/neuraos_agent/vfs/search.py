@@ -23,7 +23,7 @@ import numpy as np
 from neuraos_agent.vfs.bm25 import BM25Index
 from neuraos_agent.vfs.embedder import Embedder
 from neuraos_agent.vfs.errors import EmbedderUnavailable
-from neuraos_agent.vfs.index import VectorIndex
+from neuraos_agent.vfs.index import VectorIndex, chunk_id
 from neuraos_agent.vfs.permissions import Caller, may_read
 
 log = logging.getLogger("neuraos.vfs.search")
@@ -73,8 +73,9 @@ class Searcher:
     """Answers queries from `index` (vectors), `lexical` (BM25 by path) and the files under `root`."""
 
     def __init__(self, root: Path, index: VectorIndex, lexical: BM25Index, embedder: Embedder,
-                 config: RankingConfig | None = None, cache_size: int = 256) -> None:
+                 chunk_counts: dict[str, int], config: RankingConfig | None = None, cache_size: int = 256) -> None:
         self.root = Path(root)
+        self.chunk_counts = chunk_counts  # path → chunks in the store, kept by IndexSync
         self.index = index
         self.lexical = lexical
         self.embedder = embedder
@@ -137,7 +138,13 @@ class Searcher:
 
     def _fill_dense(self, cands: dict[str, _Candidate], paths: list[str], qvec: np.ndarray) -> None:
         """Exact dense scores for files that only BM25 found (their chunks were past `chunk_hits`)."""
-        for path, chunks in self.index.vectors_of(paths).items():
+        ids = [chunk_id(p, i) for p in paths for i in range(self.chunk_counts.get(p, 0))]
+        by_path: dict[str, list[tuple[int, int, np.ndarray]]] = {}
+        for r in self.index.vectors_by_id(ids):
+            by_path.setdefault(r["path"], []).append((r["ordinal"], r["offset"], np.asarray(r["vector"], np.float32)))
+        for path, chunks in by_path.items():
+            if path not in cands:
+                continue
             mat = np.stack([v for _, _, v in chunks])
             sims = mat @ qvec
             best = int(np.argmax(sims))

@@ -62,8 +62,9 @@ class IndexSync:
     """Brings `index` and `lexical` in line with the files under `root`."""
 
     def __init__(self, root: Path, index: VectorIndex, lexical: BM25Index, embedder: Embedder,
-                 chunker: Chunker, ignore: Iterable[Path] = ()) -> None:
+                 chunker: Chunker, ignore: Iterable[Path] = (), chunk_counts: dict[str, int] | None = None) -> None:
         self.root = Path(root)
+        self.chunk_counts = chunk_counts if chunk_counts is not None else {}  # path → rows in the store
         self.index = index
         self.lexical = lexical
         self.embedder = embedder
@@ -77,6 +78,7 @@ class IndexSync:
             by_path[row["path"]].append(row)
         for path, rows in by_path.items():
             rows.sort(key=lambda r: r["ordinal"])
+            self.chunk_counts[path] = len(rows)
             text, context = lexical_text((r["text"], r["context"]) for r in rows)
             self.lexical.set(path, text, context)
         return len(by_path)
@@ -163,6 +165,7 @@ class IndexSync:
         new_rows: list[ChunkRow] = []
         lexical_set: dict[str, tuple[str, str]] = {}
         lexical_drop: list[str] = []
+        indexed_counts: dict[str, int] = {}
         for path in paths:
             st = self._stat_regular(path)
             olds = old_rows.get(path, [])
@@ -186,6 +189,7 @@ class IndexSync:
             new_rows += [r for r in rows if not (r.id in old_by_id and old_by_id[r.id]["hash"] == r.hash
                                                  and _row_meta(old_by_id[r.id]) == meta)]
             lexical_set[path] = lexical_text((c.text, c.context) for c in chunks)
+            indexed_counts[path] = len(rows)
             report.files_indexed += 1
 
         # words first: BM25 needs no embedding, so a file is found by its words at once (and while
@@ -197,6 +201,10 @@ class IndexSync:
         vectors = self._vectors(new_rows, report)  # may raise EmbedderUnavailable: no vector written yet
         self.index.delete_ids(drop_ids)
         self.index.upsert(new_rows, vectors)
+        for path in lexical_drop:
+            self.chunk_counts.pop(path, None)
+        for path, count in indexed_counts.items():
+            self.chunk_counts[path] = count
         return report
 
     def _vectors(self, rows: list[ChunkRow], report: SyncReport) -> np.ndarray:
