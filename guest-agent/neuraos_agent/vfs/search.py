@@ -11,6 +11,7 @@ finds what they could read. When the embedder is unreachable search degrades to 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 from collections import OrderedDict
@@ -96,7 +97,7 @@ class Searcher:
             except EmbedderUnavailable as exc:
                 log.warning("embedder unreachable; searching by words only: %s", exc)
                 cfg = replace(cfg, mode="bm25")
-        cands = self._candidates(query, qvec, prefix, cfg)
+        cands = self._candidates(query, qvec, prefix, replace(cfg, candidates=max(cfg.candidates, k)))
         if not cands:
             return []
         ranked = self._rank(cands, qvec, cfg)
@@ -119,7 +120,7 @@ class Searcher:
             lex = {p: s for p, s in lex.items() if isinstance(p, str) and p.startswith(prefix)}
         cands: dict[str, _Candidate] = {}
         if cfg.mode != "vector":
-            for path, _ in sorted(lex.items(), key=lambda kv: -kv[1])[: cfg.candidates]:
+            for path, _ in heapq.nlargest(cfg.candidates, lex.items(), key=lambda kv: kv[1]):
                 cands[path] = _Candidate(path)  # type: ignore[arg-type]
         if qvec is not None:
             dense: dict[str, _Candidate] = {}

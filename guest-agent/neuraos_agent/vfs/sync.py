@@ -62,14 +62,13 @@ class IndexSync:
     """Brings `index` and `lexical` in line with the files under `root`."""
 
     def __init__(self, root: Path, index: VectorIndex, lexical: BM25Index, embedder: Embedder,
-                 chunker: Chunker, ignore: Iterable[Path] = (), chunk_counts: dict[str, int] | None = None) -> None:
+                 chunker: Chunker, chunk_counts: dict[str, int] | None = None) -> None:
         self.root = Path(root)
         self.chunk_counts = chunk_counts if chunk_counts is not None else {}  # path → rows in the store
         self.index = index
         self.lexical = lexical
         self.embedder = embedder
         self.chunker = chunker
-        self.ignore = [Path(p).resolve() for p in ignore]
 
     def load_lexical(self) -> int:
         """Rebuild the in-memory BM25 index from the texts stored with the vectors."""
@@ -84,10 +83,9 @@ class IndexSync:
         return len(by_path)
 
     def walk(self) -> dict[str, os.stat_result]:
-        """Every regular file under root (symlinks are not followed, state dirs skipped)."""
+        """Every regular file under root (symlinks are not followed)."""
         out: dict[str, os.stat_result] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = [d for d in dirnames if not self._ignored(Path(dirpath, d))]
+        for dirpath, _, filenames in os.walk(self.root):
             for name in filenames:
                 full = os.path.join(dirpath, name)
                 try:
@@ -97,9 +95,6 @@ class IndexSync:
                 if stat_m.S_ISREG(st.st_mode):
                     out[os.path.relpath(full, self.root)] = st
         return out
-
-    def _ignored(self, path: Path) -> bool:
-        return any(path.resolve() == p for p in self.ignore)
 
     def reconcile(self) -> SyncReport:
         """Compare every file with the index and fix every difference."""
@@ -138,13 +133,13 @@ class IndexSync:
             except FileNotFoundError:
                 st = None
             if st is not None and stat_m.S_ISDIR(st.st_mode):
-                if self._ignored(full):
-                    continue
                 for dirpath, _, filenames in os.walk(full):
                     out.update(os.path.relpath(os.path.join(dirpath, f), self.root) for f in filenames)
             else:
                 out.add(rel)
-            if st is None or not stat_m.S_ISREG(st.st_mode):
+            was_file = rel in self.chunk_counts or rel in self.lexical
+            if (st is None or not stat_m.S_ISREG(st.st_mode)) and not was_file:
+                # maybe a directory that was renamed or removed: what was indexed under it goes too
                 if use_index:
                     out.update(self.index.under(rel))
                 prefix = rel + "/"
@@ -152,7 +147,8 @@ class IndexSync:
         return sorted(out)
 
     def sync(self, paths: Iterable[str]) -> SyncReport:
-        """Index or drop each path as the file now is. Raises EmbedderUnavailable (nothing changed)."""
+        """Index or drop each path as the file now is. On EmbedderUnavailable the words are already
+        updated and the vectors untouched; the caller retries the same paths later."""
         paths = self.expand(paths)
         report = SyncReport(paths=paths)
         if not paths:
