@@ -268,13 +268,17 @@ def test_link_client_adapter() -> None:
     assert c.embed(["x", "y"]) == [[1.0, 0.0], [1.0, 0.0]]
 
 
-def test_openai_compatible_client_against_a_local_server() -> None:
+@pytest.fixture
+def chat_server() -> Iterator[tuple[str, list[dict], list[str]]]:
+    """A local OpenAI-compatible endpoint that replies from a script (a test double for a server)."""
     seen: list[dict] = []
+    replies: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps({"choices": [{"message": {"content": "4"}}],
+            text = replies.pop(0) if replies else "FINAL(nothing)"
+            body = json.dumps({"choices": [{"message": {"content": text}}],
                                "usage": {"prompt_tokens": 12, "completion_tokens": 1}}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -287,12 +291,36 @@ def test_openai_compatible_client_against_a_local_server() -> None:
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        c = OpenAICompatClient(f"http://127.0.0.1:{server.server_port}/v1", "m", api_key_env=None)
-        assert c.complete("2+2?", max_tokens=3, grammar="root ::= [0-9]") == Completion("4", 12, 1)
-        assert seen[0]["grammar"] == "root ::= [0-9]" and seen[0]["messages"][0]["content"] == "2+2?"
+        yield f"http://127.0.0.1:{server.server_port}/v1", seen, replies
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_openai_compatible_client_against_a_local_server(chat_server: tuple[str, list[dict], list[str]]) -> None:
+    url, seen, replies = chat_server
+    replies.append("4")
+    c = OpenAICompatClient(url, "m", api_key_env=None)
+    assert c.complete("2+2?", max_tokens=3, grammar="root ::= [0-9]") == Completion("4", 12, 1)
+    assert seen[0]["grammar"] == "root ::= [0-9]" and seen[0]["messages"][0]["content"] == "2+2?"
+
+
+def test_ask_cli_over_a_file(chat_server: tuple[str, list[dict], list[str]], tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    from neuraos_agent.rlm.cli import main
+
+    url, seen, replies = chat_server
+    replies.append("```repl\nFINAL(extract(grep(context, 'blue door'))[0])\n```")
+    notes = tmp_path / "notes.txt"
+    notes.write_text(haystack())
+    rc = main(["ask", "What is the code for the blue door?", "--context", str(notes), "--endpoint", url,
+               "--json", "--trace-dir", str(tmp_path / "traces")])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["answer"] == "88121" and doc["finished"]
+    assert Path(doc["trace_path"]).exists() and NEEDLE not in seen[0]["messages"][0]["content"]
+    rc = main(["ask", "q", "--context", str(tmp_path / "missing"), "--endpoint", url])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no such context" in err and "hint:" in err and "Traceback" not in err
 
 
 # -- the real model ---------------------------------------------------------------------------

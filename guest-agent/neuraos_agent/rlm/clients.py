@@ -85,11 +85,14 @@ class LlamaCppClient:
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
-    def fit(self, text: str, budget: int) -> tuple[str, bool]:
-        """Cut `text` in the middle to at most `budget` tokens (head and tail carry the question)."""
+    def fit(self, text: str, budget: int, *, keep: str = "middle") -> tuple[str, bool]:
+        """Cut `text` to at most `budget` tokens: keep="head" keeps the start; "middle" cuts the
+        middle out (the head and the tail carry the instructions and the question)."""
         toks = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         if len(toks) <= budget:
             return text, False
+        if keep == "head":
+            return self._llm.detokenize(toks[:max(budget, 0)]).decode("utf-8", errors="ignore"), True
         head, tail = budget * 2 // 3, budget - budget * 2 // 3 - 8
         cut = toks[:head] + self._llm.tokenize(b"\n...\n", add_bos=False) + toks[len(toks) - max(tail, 0):]
         return self._llm.detokenize(cut).decode("utf-8", errors="ignore"), True

@@ -75,6 +75,15 @@ def python_turn(text: str) -> tuple[str, str | None]:
     return code, None
 
 
+def _offered(tool: Tool | None, question: str) -> bool:
+    """A tool with a label set (a classifier) is offered to op programs only for questions that
+    name one of its labels: a small root otherwise reaches for it on any text."""
+    if tool is None:
+        return False
+    labels = getattr(tool, "labels", None)
+    return not labels or any(str(lab).lower() in question.lower() for lab in labels)
+
+
 @dataclass
 class _Query:
     """One (possibly recursive) query: its depth, trace, and the usage shared with its parent."""
@@ -126,7 +135,8 @@ class RLM:
         info = describe(context, source)
         trace = Trace(question, info.to_dict(), cfg.mode, depth, budget.to_dict())
         q = _Query(question, depth, usage, trace, answer_grammar)
-        vocab = ops.Vocabulary(fields=info.record_fields, tools=tuple(t for t in ("classify", "rank") if t in self.tools))
+        vocab = ops.Vocabulary(fields=info.record_fields,
+                               tools=tuple(t for t in ("classify", "rank") if _offered(self.tools.get(t), question)))
         steps: list[prompts.Step] = []
         best, finished, stop = "", False, ""
         try:

@@ -17,8 +17,9 @@ from typing import Sequence
 from neuraos_agent.rlm.errors import OpsSyntaxError
 
 MAX_OPS = 8
-MAX_SPAN_WORDS = 8
+MAX_SPAN_WORDS = 10
 EXTRACTS = ("number", "word", "letter")
+RANK_CHUNK = 1200  # characters per piece when `rank` cuts a text itself (two fit a 1k-token window)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Vocabulary:
 
 
 def _spans(question: str) -> list[str]:
-    words = [w.strip(".,;:!?()[]{}\"'`") for w in question.split()]
+    stem = re.split(r"\s\(A\)\s", question)[0]  # a multiple-choice question: quote from its stem
+    words = [w.strip(".,;:!?()[]{}\"'`") for w in stem.split()]
     words = [w for w in words if w]
     spans: list[str] = []
     for i in range(len(words)):
@@ -72,6 +74,9 @@ def _spans(question: str) -> list[str]:
             s = " ".join(words[i:j])
             if s not in spans:
                 spans.append(s)
+    whole = " ".join(words)
+    if whole and whole not in spans:
+        spans.append(whole)  # the whole stem, e.g. as a query for `rank`
     for q in re.findall(r"'([^']{1,60})'|\"([^\"]{1,60})\"", question):
         s = next(x for x in q if x)
         if s not in spans:
@@ -84,25 +89,39 @@ def _lit(s: str) -> str:
 
 
 def grammar(question: str, vocab: Vocabulary) -> str:
-    """GBNF for programs about `question`: up to MAX_OPS operations, ending in `final` or `show`."""
+    """GBNF for well-typed programs about `question`.
+
+    The pipeline's value is text (t), records (r), a list (l) or a single answer (s); each rule
+    lists the operations that make sense on that type, so a program cannot end before it has
+    computed an answer (`final` only follows a scalar) or apply `top` to raw text.
+    """
     strs = _spans(question) or ["?"]
-    ops = ['"grep " str', '"peek " num', '"chunk " num', '"answer"', '"ask"', '"extract " ext', '"first"',
-           '"count " str', '"count"', '"top"', '"vote"', '"sort"', '"compare " str " " str']
-    if vocab.fields:
-        ops += ['"where " field " " str', '"column " field']
-    if "classify" in vocab.tools:
-        ops.append('"classify " field' if vocab.fields else '"classify"')
-    if "rank" in vocab.tools:
-        ops.append('"rank " str " " num')
+    fields, classify, rank = bool(vocab.fields), "classify" in vocab.tools, "rank" in vocab.tools
+    # no `answer` on text: a long text must be cut down (grep, rank, chunk) before a model reads it
+    t = ['"grep " str "\\n" l', '"peek " num "\\n" t', '"chunk " num "\\n" l', '"extract " ext "\\n" l']
+    r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"count\\n" s', '"first\\n" s']
+    lst = ['"extract " ext "\\n" l', '"grep " str "\\n" l', '"ask\\n" l', '"sort\\n" l', '"first\\n" s',
+           '"count\\n" s', '"count " str "\\n" s', '"top\\n" s', '"vote\\n" s', '"compare " str " " str "\\n" s',
+           '"answer\\n" s']
+    if fields:
+        t.append('"where " field " " str "\\n" r')
+    if classify:
+        t.append('"classify " field "\\n" l' if fields else '"classify\\n" l')
+        r.append('"classify " field "\\n" l')
+    if rank:
+        t.append('"rank " str " " num "\\n" l')
+        lst.append('"rank " str " " num "\\n" l')
     rules = [
-        f"root ::= (op \"\\n\"){{0,{MAX_OPS - 1}}} end \"\\n\"?",
-        "end ::= \"final\" | \"show\"",
-        "op ::= " + " | ".join(ops),
+        "root ::= t",
+        "t ::= " + " | ".join(t + ['"show"']),
+        "l ::= " + " | ".join(lst + ['"show"']),
+        "s ::= \"final\" | \"show\"",
         "str ::= \"\\\"\" (" + " | ".join(_lit(s) for s in strs) + ") \"\\\"\"",
         "num ::= [1-9] [0-9]{0,4}",
         "ext ::= " + " | ".join(_lit(e) for e in EXTRACTS),
     ]
-    if vocab.fields:
+    if fields:
+        rules.append("r ::= " + " | ".join(r + ['"show"']))
         rules.append("field ::= " + " | ".join(_lit(f) for f in vocab.fields))
     return "\n".join(rules) + "\n"
 
@@ -191,7 +210,7 @@ def compile_ops(ops: Sequence[Op]) -> str:
             "where": lambda: f"_ = where(_, {a[0]!r}, {a[1]!r})",
             "column": lambda: f"_ = column(_, {a[0]!r})",
             "classify": lambda: f"_ = classify(column(_, {a[0]!r}))" if a else "_ = classify(lines(_))",
-            "rank": lambda: f"_ = rank(_ if isinstance(_, list) else chunk(_, 2000), {a[0]!r}, {a[1]})",
+            "rank": lambda: f"_ = rank(_ if isinstance(_, list) else chunk(_, {RANK_CHUNK}), {a[0]!r}, {a[1]})",
             "answer": lambda: "_ = " + _ANSWER.format(src="as_text(_)"),
             "ask": lambda: "_ = [" + _ANSWER.format(src="as_text(p)") + " for p in (_ if isinstance(_, list) else [_])]",
             "extract": lambda: f"_ = extract(_, {a[0]!r})",

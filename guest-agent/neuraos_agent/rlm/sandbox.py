@@ -37,7 +37,7 @@ _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
 @dataclass(frozen=True)
 class SandboxConfig:
     limits: Limits = Limits()
-    namespaces: bool | None = None      # None: use them where `unshare` works, else limits + filter only
+    namespaces: bool | None = True      # None: where `unshare` works; False: limits + filter only (no view)
     extra_ro_paths: tuple[str, ...] = ()
     grace_s: float = 3.0                # after SIGALRM, how long a turn has to wind down before a kill
     startup_timeout_s: float = 30.0
