@@ -1,0 +1,1 @@
+"""Model code, training scripts and small trained weights with model cards."""
