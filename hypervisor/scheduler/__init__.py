@@ -1,0 +1,1 @@
+"""Predictive scheduling: forecasts -> policy (this package) -> actuators."""
