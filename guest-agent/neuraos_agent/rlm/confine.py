@@ -120,7 +120,8 @@ def build_view(view: View) -> list[str]:
     scratch = _make_target(root, SCRATCH, True)
     _mount(libc, "tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
            f"size={view.scratch_mib}m,mode=0777")
-    os.symlink(SCRATCH, root + "/tmp")
+    if not os.path.lexists(root + "/tmp"):  # a visible path under /tmp (a checkout there) made it a dir
+        os.symlink(SCRATCH, root + "/tmp")
     visible.append(SCRATCH)
     if view.context_dir:
         _bind_ro(libc, view.context_dir, _make_target(root, CONTEXT, True))
