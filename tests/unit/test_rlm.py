@@ -267,6 +267,24 @@ def test_link_client_adapter() -> None:
     assert c.complete("p", grammar='root ::= "a"') == Completion("a", 7, 1)
     assert c.embed(["x", "y"]) == [[1.0, 0.0], [1.0, 0.0]]
 
+    from dataclasses import dataclass
+
+    @dataclass
+    class Usage:  # the shape of neuraos_agent.models' streamed reply
+        prompt_tokens: int
+        completion_tokens: int
+
+    @dataclass
+    class Streamed:
+        text: str
+        usage: Usage
+
+    class StreamingModels:
+        def complete(self, prompt: str, **kw: object) -> Streamed:
+            return Streamed("b", Usage(9, 2))
+
+    assert LinkClient(StreamingModels()).complete("p") == Completion("b", 9, 2)
+
 
 @pytest.fixture
 def chat_server() -> Iterator[tuple[str, list[dict], list[str]]]:
@@ -342,3 +360,24 @@ def test_smollm2_end_to_end_on_a_small_context() -> None:
     assert a.text == "88121"
     assert a.usage["root_calls"] >= 1 and a.usage["tokens"] < client.window * 3
     assert os.cpu_count()  # n_threads=2 matches the 2 shared cores
+
+
+def test_context_sources(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from neuraos_agent.rlm.context import resolve
+    from neuraos_agent.rlm.errors import ContextError
+
+    (tmp_path / "vfs" / "notes").mkdir(parents=True)
+    (tmp_path / "vfs" / "notes" / "b.txt").write_text("the beta key is 7\n")
+    (tmp_path / "vfs" / "a.txt").write_text("alpha\n")
+    root = tmp_path / "vfs"
+    whole, _ = resolve("vfs", vfs_root=root)
+    assert whole == CorpusRef(root) and describe(whole).items == 2
+    assert resolve("vfs:/notes", vfs_root=root)[0] == CorpusRef(root / "notes")
+    hits, source = resolve("vfs:beta key", vfs_root=root,
+                           vfs_search=lambda q, k: [SimpleNamespace(path="notes/b.txt")])
+    assert hits == [f"[{root / 'notes' / 'b.txt'}]\nthe beta key is 7\n"] and "beta key" in source
+    assert resolve(str(root / "a.txt"))[0] == "alpha\n"
+    with pytest.raises(ContextError):
+        resolve("vfs:/nowhere", vfs_root=root)

@@ -174,8 +174,8 @@ class LinkClient:
     """The host's model service over the link, through the guest client `neuraos_agent.models`.
 
     `models` is anything with `complete(prompt, max_tokens=, grammar=, stop=, temperature=)` and
-    `embed(texts)`; its replies may be objects or dicts with `text`, `prompt_tokens`,
-    `completion_tokens` (or `vectors` for embed). Left out, the guest module is imported.
+    `embed(texts)`: the guest module (its replies carry `.text` and `.usage`), or a test double
+    replying with dicts. Left out, the guest module is imported.
     """
 
     def __init__(self, models: Any | None = None, *, window: int = 8192) -> None:
@@ -192,10 +192,13 @@ class LinkClient:
                  stop: Sequence[str] | None = None, temperature: float = 0.0) -> Completion:
         reply = self._models.complete(prompt, max_tokens=max_tokens, grammar=grammar, stop=list(stop or []),
                                       temperature=temperature)
-        get = reply.get if isinstance(reply, dict) else lambda k, d=None: getattr(reply, k, d)
-        text = get("text", "") or ""
-        return Completion(text, int(get("prompt_tokens", 0) or estimate_tokens(prompt)),
-                          int(get("completion_tokens", 0) or estimate_tokens(text)))
+        if isinstance(reply, dict):
+            text, usage = reply.get("text", "") or "", reply
+        else:
+            text = reply.text or ""  # the guest client streams; .text waits for the end
+            usage = vars(reply.usage) if getattr(reply, "usage", None) is not None else {}
+        return Completion(text, int(usage.get("prompt_tokens", 0) or estimate_tokens(prompt)),
+                          int(usage.get("completion_tokens", 0) or estimate_tokens(text)))
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         reply = self._models.embed(list(texts))

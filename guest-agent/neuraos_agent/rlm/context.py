@@ -7,7 +7,6 @@ context itself is staged into a folder the sandbox mounts read-only at /context.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -119,26 +118,30 @@ def stage(context: Context, folder: Path) -> Path | None:
 
 
 def default_vfs_root() -> Path:
-    return Path(os.environ.get("NEURAOS_VFS_ROOT", "/var/lib/neuraos/vfs"))
+    """The vector FS mount (the vfs package's default, /srv/neura), or $NEURAOS_VFS_ROOT."""
+    return Path(os.environ.get("NEURAOS_VFS_ROOT", "/srv/neura"))
 
 
 def resolve(spec: str | None, *, vfs_root: Path | None = None, vfs_search: VfsSearch | None = None,
             k: int = 50) -> tuple[Context, str]:
-    """A CLI `--context` value to a context: PATH, `vfs` (the whole FS, lazily), `vfs:QUERY`
-    (the top-k files by meaning), `logs` (journald) or `system` (processes and memory)."""
+    """A CLI `--context` value to a context: PATH, `vfs` (the whole vector FS, read lazily),
+    `vfs:/PREFIX` (the files under a path prefix), `vfs:QUERY` (the top-k files by meaning),
+    `logs` (journald) or `system` (processes and memory)."""
     spec = spec or "vfs"
     if spec == "vfs" or spec.startswith("vfs:"):
         root = vfs_root or default_vfs_root()
         query = spec[4:].strip()
-        if not query:
-            if not root.is_dir():
-                raise ContextError(f"vector FS folder {root} not found", hint="set NEURAOS_VFS_ROOT or pass --context PATH")
-            return CorpusRef(root), f"vfs {root}"
+        if not query or query.startswith("/"):
+            folder = root / query.lstrip("/")
+            if not folder.is_dir():
+                raise ContextError(f"vector FS folder {folder} not found",
+                                   hint="is the vector FS mounted? set NEURAOS_VFS_ROOT or pass --context PATH")
+            return CorpusRef(folder), f"vfs {folder}"
         search = vfs_search or _vfs_search()
         hits = search(query, k)
         docs = []
         for h in hits:
-            p = Path(getattr(h, "path", h))
+            p = root / str(getattr(h, "path", h)).lstrip("/")
             try:
                 docs.append(f"[{p}]\n" + p.read_text(encoding="utf-8", errors="replace"))
             except OSError:
@@ -157,14 +160,20 @@ def resolve(spec: str | None, *, vfs_root: Path | None = None, vfs_search: VfsSe
 
 
 def _vfs_search() -> VfsSearch:
+    """Search through the running agent's vector FS socket (it owns the index)."""
     try:
-        mod = importlib.import_module("neuraos_agent.vfs")
+        from neuraos_agent.vfs.cli import DEFAULT_SOCKET
+        from neuraos_agent.vfs.query_socket import query
     except ImportError as exc:
         raise ContextError("the vector FS is not available in this agent", hint="use --context PATH") from exc
-    fn = getattr(mod, "search", None)
-    if fn is None:
-        raise ContextError("the vector FS offers no search()", hint="use --context vfs or a PATH")
-    return lambda q, k: fn(q, k)
+
+    def search(q: str, k: int) -> Sequence[Any]:
+        try:
+            return query(DEFAULT_SOCKET, q, k)
+        except Exception as exc:  # noqa: BLE001  (the vfs has its own error types)
+            raise ContextError(f"vector FS search failed: {exc}",
+                               hint="is `neuraos-agent run` up with the vector FS mounted?") from exc
+    return search
 
 
 def _journal() -> str:
