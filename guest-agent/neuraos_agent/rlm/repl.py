@@ -293,6 +293,7 @@ def main(spec_json: str) -> None:
     if view.namespaces:
         report.view = build_view(view)
         report.namespaces = True
+        os.environ["TMPDIR"] = "/scratch"  # /tmp may be a read-only dir when a visible path lies under it
         context_dir = CONTEXT
         allowed = tuple(report.view) + ("/dev/null", "/dev/zero", "/dev/urandom", "/tmp")
     else:
