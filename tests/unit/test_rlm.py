@@ -336,6 +336,12 @@ def test_ask_cli_over_a_file(chat_server: tuple[str, list[dict], list[str]], tmp
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["answer"] == "88121" and doc["finished"]
     assert Path(doc["trace_path"]).exists() and NEEDLE not in seen[0]["messages"][0]["content"]
+    replies.append("```repl\nprint(len(grep(context, 'door')))\n```\nFINAL(one)")
+    rc = main(["ask", "How many doors?", "--context", str(notes), "--endpoint", url, "--trace",
+               "--trace-dir", str(tmp_path / "traces")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "-- turn 0" in out and "> print(len(grep(context, 'door')))" in out and "| 1" in out
+    assert out.strip().endswith("one")
     rc = main(["ask", "q", "--context", str(tmp_path / "missing"), "--endpoint", url])
     err = capsys.readouterr().err
     assert rc == 1 and "no such context" in err and "hint:" in err and "Traceback" not in err
