@@ -134,11 +134,14 @@ def main() -> None:
         from models.syscall.train import TrainConfig, train
         sp = split(ds, SplitConfig(seed=args.seed))
         ckpt = train(sp, cfg=TrainConfig(seed=args.seed, minutes=args.minutes))
-        weights = Path(tempfile.mkdtemp()) / "weights.npz"
-        export(ckpt, weights, syscall_names(args.data))
+        with tempfile.TemporaryDirectory() as tmp:  # the retrained model lives in memory only
+            model = SyscallModel.load(export(ckpt, Path(tmp) / "weights.npz", syscall_names(args.data)))
+            weights_bytes = (Path(tmp) / "weights.npz").stat().st_size
+        weights: Path | str = "(retrained in this run, not kept)"
     else:
         weights = args.weights
-    model = SyscallModel.load(weights)
+        model = SyscallModel.load(weights)
+        weights_bytes = Path(weights).stat().st_size
     sp = split(ds, SplitConfig(**model.meta["split"])) if not args.retrain else sp
     shipped_on_this_split = model.meta.get("fit_digest") == sp.fit_digest()
 
@@ -180,7 +183,6 @@ def main() -> None:
         by_type[name] = {ty: round(float(np.mean([s > thr for s, t in zip(s_att, types) if t == ty])), 3)
                          for ty in sorted(set(types))}
 
-    weights_bytes = Path(weights).stat().st_size
     result = Result(
         benchmark="anomaly",
         data=f"ADFA-LD ({Path(ds.source).name}), {len(normal)} held-out normal vs {len(attack)} attack traces, "
