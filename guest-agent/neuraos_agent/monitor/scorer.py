@@ -1,9 +1,9 @@
 """Scores a process's syscalls in real time with the exported syscall model, numpy only.
 
 The guest carries no torch: `models/syscall/export.py` writes the LSTM as plain arrays,
-and this module runs the same recurrence. The embedding and both input biases are folded
-into one table (token -> gate pre-activations), so a step is a row lookup plus one small
-matrix product. Each process keeps its own LSTM state from the moment it was first seen.
+and this module runs the same recurrence. The embedding, the first layer's input weights
+and its biases are folded into one table (token -> gate pre-activations), so the first
+layer's step is a row lookup plus one small matrix product. Each process keeps its own LSTM state from the moment it was first seen.
 
 Scoring is done a window at a time (`window` syscalls, 32 by default): the recurrence
 steps through the window, then the surprises of all its calls come from one batched
