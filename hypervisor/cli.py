@@ -45,11 +45,14 @@ def _connect(cfg: Config):
     return c
 
 
-def _guest_rows(cfg: Config, conn) -> list[dict]:
+def _guest_rows(cfg: Config, conn, store=None) -> list[dict]:
+    """One row per libvirt guest with its agent's last report; `store` reused when given."""
     from hypervisor.state import Store
     from hypervisor.virt import domains
 
-    store = Store(cfg.store_path)
+    own = store is None
+    if own:
+        store = Store(cfg.store_path)
     recs = {r.name: r for r in store.guests()}
     rows = []
     for d in domains.list_all(conn):
@@ -63,7 +66,8 @@ def _guest_rows(cfg: Config, conn) -> list[dict]:
             "load1": st.get("load1"), "last_heartbeat": r.last_heartbeat if r else None,
             "heartbeats": r.heartbeats if r else 0, "ssh_port": d.ssh_port,
         })
-    store.close()
+    if own:
+        store.close()
     return rows
 
 
@@ -134,17 +138,17 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
         if args.json:
             print(json.dumps({"guest": args.name, "accel": asdict(accel), "image": image.key,
                               "image_built": image.built, "boot_to_agent_s": boot,
-                              "guests": _guest_rows(cfg, conn)}))
+                              "guests": _guest_rows(cfg, conn, store)}))
         if args.detach:
             return 0
         say("controller running; Ctrl-C stops it (guests keep running)")
         deadline = time.monotonic() + args.for_s if args.for_s else None
-        with Live(_table(_guest_rows(cfg, conn)), console=out, refresh_per_second=1,
+        with Live(_table(_guest_rows(cfg, conn, store)), console=out, refresh_per_second=1,
                   transient=False, auto_refresh=False) as live:
             while deadline is None or time.monotonic() < deadline:
                 time.sleep(1.0)
                 try:
-                    live.update(_table(_guest_rows(cfg, conn)), refresh=True)
+                    live.update(_table(_guest_rows(cfg, conn, store)), refresh=True)
                 except NeuraError as e:  # libvirtd restarting: keep serving the link
                     live.update(Table(title=f"waiting: {e}"), refresh=True)
     return 0
