@@ -160,6 +160,16 @@ class ModelService:
         with self._lock:
             return self._counters.setdefault(guest, GuestCounters())
 
+    def _admit(self, guest: str) -> tuple[GuestLimits, GuestCounters]:
+        """Take one of the guest's concurrent-call slots, counting a refusal."""
+        limits, counters = self.limits(guest), self.counters(guest)
+        try:
+            limits.enter()
+        except InferenceError:
+            counters.refused += 1
+            raise
+        return limits, counters
+
     # -- Complete -----------------------------------------------------------------------------
 
     def _validate(self, args: CompleteArgs) -> GenParams:
@@ -204,13 +214,7 @@ class ModelService:
         t0 = time.perf_counter()
         params = self._validate(args)
         assert self.backend is not None
-        limits = self.limits(guest)
-        counters = self.counters(guest)
-        try:
-            limits.enter()
-        except InferenceError:
-            counters.refused += 1
-            raise
+        limits, counters = self._admit(guest)
         try:
             session = self.sessions.open(guest, args.session, resume=args.resume, raw=args.raw,
                                          max_sessions=limits.quota.max_sessions)
@@ -279,13 +283,7 @@ class ModelService:
             raise InvalidRequest(f"at most {cfg.max_embed_texts} texts per Embed call")
         if any(len(t) > cfg.max_embed_chars for t in texts):
             raise InvalidRequest(f"a text is longer than {cfg.max_embed_chars} characters")
-        limits = self.limits(guest)
-        counters = self.counters(guest)
-        try:
-            limits.enter()
-        except InferenceError:
-            counters.refused += 1
-            raise
+        limits, counters = self._admit(guest)
         try:
             vectors = self.embedder.embed(guest, texts)
             limits.bucket.charge(sum(len(t) for t in texts) / 4 + len(texts))  # ~4 characters a token
