@@ -27,7 +27,8 @@ from hypervisor.virt.daemons import ensure_daemons, ensure_qemu_conf, restart_li
 from hypervisor.virt.image import GuestImage, ensure_image
 
 REPO = Path(__file__).resolve().parents[2]
-GUEST = "neura-test"
+# Concurrent runs on one host (several checkouts) each name their own guest.
+GUEST = os.environ.get("NEURAOS_TEST_GUEST", "neura-test")
 
 
 def pytest_collection_modifyitems(items):
