@@ -58,7 +58,7 @@ class MiniLMEmbedder:
     model = MINILM
     dim = 384
 
-    def __init__(self, threads: int | None = None, device: str = "cpu") -> None:
+    def __init__(self, threads: int | None = None, device: str | None = None) -> None:
         missing = minilm_missing()
         if missing:
             raise BackendUnavailable(f"embeddings: {missing}")
@@ -70,7 +70,9 @@ class MiniLMEmbedder:
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch
-        self._model = SentenceTransformer(str(packaged_minilm()), device=device, local_files_only=True)
+        # One copy serves every guest, so it goes where it is fastest: the GPU when there is one.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = SentenceTransformer(str(packaged_minilm()), device=self.device, local_files_only=True)
         dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(dim() or 384)
 
