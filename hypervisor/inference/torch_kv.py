@@ -9,6 +9,7 @@ A page is raw K then V for its tokens, every layer: (2, layers, kv_heads, tokens
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -61,9 +62,7 @@ def to_pages(cache: Any, layout: KVLayout, block_tokens: int = BLOCK_TOKENS) -> 
     kv = torch.stack([torch.stack(_layer_kv(cache, i)) for i in range(layout.layers)], dim=1)
     if kv.shape[2] != 1:
         raise ValueError("to_pages pages one session at a time (batch size 1)")
-    kv = kv[:, :, 0]                        # (2, layers, kv_heads, tokens, head_dim)
-    host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=kv.is_cuda)
-    host.copy_(kv)
+    host = kv[:, :, 0].cpu()               # (2, layers, kv_heads, tokens, head_dim)
     pages = []
     for start in range(0, host.shape[3], block_tokens):
         part = host[:, :, :, start:start + block_tokens].contiguous()
@@ -72,22 +71,29 @@ def to_pages(cache: Any, layout: KVLayout, block_tokens: int = BLOCK_TOKENS) -> 
 
 
 def from_pages(pages: Sequence[bytes], layout: KVLayout, device: str | torch.device) -> Any:
-    """A DynamicCache on `device` holding the pages' tokens, in order."""
+    """A DynamicCache on `device` holding the pages' tokens, in order.
+
+    Each page is copied once, straight from the tier's bytes into its slice of one
+    preallocated device tensor: no concatenation, no pinned staging to allocate.
+    """
     from transformers import DynamicCache
 
     per_token = layout.bytes_per_token
-    parts = []
+    counts = []
     for n, page in enumerate(pages):
         if len(page) % per_token:
             raise PageShapeError(f"page {n} holds {len(page)} bytes, not a whole number of "
                                  f"{per_token}-byte tokens for this model")
-        t = len(page) // per_token
-        raw = torch.frombuffer(bytearray(page), dtype=torch.uint8)
-        parts.append(raw.view(layout.dtype).view(2, layout.layers, layout.kv_heads, t, layout.head_dim))
-    host = torch.cat(parts, dim=3)
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()
-    kv = host.to(device, non_blocking=True)
+        counts.append(len(page) // per_token)
+    shape = (2, layout.layers, layout.kv_heads)
+    kv = torch.empty((*shape, sum(counts), layout.head_dim), dtype=layout.dtype, device=device)
+    start = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # frombuffer on immutable bytes: we only read
+        for page, t in zip(pages, counts):
+            src = torch.frombuffer(page, dtype=torch.uint8).view(layout.dtype).view(*shape, t, layout.head_dim)
+            kv[:, :, :, start:start + t].copy_(src)
+            start += t
     cache = DynamicCache()
     for i in range(layout.layers):
         cache.update(kv[0, i].unsqueeze(0), kv[1, i].unsqueeze(0), i)
