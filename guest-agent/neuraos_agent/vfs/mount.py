@@ -17,7 +17,7 @@ import logging
 import os
 import subprocess
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyfuse3
@@ -68,11 +68,13 @@ class VFSConfig:
 class VFSStatus:
     mountpoint: str
     pending_records: int
-    indexed_files: int
+    indexed_files: int  # files found by their words (BM25), under `path_prefix`
+    vector_files: int  # files with vectors in the store, under `path_prefix`
     reconciled: bool
     embedder_available: bool
     index_rebuilds: int
     last_error: str
+    path_prefix: str = ""
 
 
 class VectorFS:
@@ -129,7 +131,8 @@ class VectorFS:
             self.words.start()
             if cfg.query_socket is not None:
                 self._query_server = QueryServer(
-                    cfg.query_socket, lambda q, k, prefix, caller: self.search(q, k, prefix, caller))
+                    cfg.query_socket, lambda q, k, prefix, caller: self.search(q, k, prefix, caller),
+                    status=lambda prefix: asdict(self.status(prefix)))
                 self._query_server.start()
         except BaseException:
             self.close()
@@ -249,11 +252,13 @@ class VectorFS:
     def worker_state(self) -> WorkerState:
         return self.worker.state if self.worker is not None else WorkerState()
 
-    def status(self) -> VFSStatus:
+    def status(self, path_prefix: str = "") -> VFSStatus:
         state = self.worker_state
         pending = len(self.journal.pending()) if self.journal is not None else 0
-        return VFSStatus(str(self.config.mountpoint), pending, len(self.lexical), state.reconciled,
-                         state.embedder_available, self.index_rebuilds, state.last_error)
+        words = sum(1 for p in list(self.lexical.keys()) if str(p).startswith(path_prefix))
+        vectors = sum(1 for p in list(self.chunk_counts) if p.startswith(path_prefix))
+        return VFSStatus(str(self.config.mountpoint), pending, words, vectors, state.reconciled,
+                         state.embedder_available, self.index_rebuilds, state.last_error, path_prefix)
 
 
 def _clear_stale_mount(mountpoint: Path) -> None:
