@@ -46,6 +46,16 @@ def test_link_embedder_says_unavailable_when_the_host_is_away(tmp_path: Path) ->
     emb.close()
 
 
+def test_quota_answers_are_waited_out_not_failed() -> None:
+    from neuraos_agent.vfs.link_embedder import MAX_WAIT_S, quota_wait
+
+    assert quota_wait("RESOURCE_EXHAUSTED", "guest g is over its model quota of 200 tokens/s; retry in 2.2s") == \
+        pytest.approx(2.25)
+    assert quota_wait("RESOURCE_EXHAUSTED", "quota; retry in 900.0s") == MAX_WAIT_S
+    assert quota_wait("RESOURCE_EXHAUSTED", "guest g already has 4 model calls running") == 0.5
+    assert quota_wait("UNAVAILABLE", "retry in 1s") is None
+
+
 def test_control_socket_answers_and_says_when_nobody_listens(tmp_path: Path) -> None:
     path = tmp_path / "control.sock"
     with pytest.raises(ControlError, match="no running controller"):

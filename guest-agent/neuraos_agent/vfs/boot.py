@@ -117,10 +117,10 @@ class BootVFS:
         with self._lock:
             vfs, self.vfs = self.vfs, None
         if vfs is not None:
-            vfs.close()
             close = getattr(vfs.embedder, "close", None)
             if close is not None:
-                close()
+                close()  # first: a worker waiting on the host's quota gives up at once
+            vfs.close()
         if self._thread is not None:
             self._thread.join(5)
 
