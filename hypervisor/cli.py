@@ -98,6 +98,8 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
     from hypervisor.virt.accel import detect_accel
     from hypervisor.virt.daemons import ensure_daemons, ensure_qemu_conf, restart_libvirtd
     from hypervisor.virt.image import ensure_image
+    from hypervisor import search_cli
+    from hypervisor.control import ControlServer, control_path
 
     say = (lambda m: None) if args.json else (lambda m: out.print(f"[bold]•[/] {m}"))
     started = ensure_daemons()
@@ -127,6 +129,7 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
             say(f"model service: [yellow]{why}[/]")
         link = stack.enter_context(LinkServer(transport, heartbeat_interval_s=cfg.heartbeat_s,
                                               services=models.service.handlers))
+        stack.enter_context(ControlServer(control_path(cfg), search_cli.control_ops(link)))
         cids = None
         if isinstance(transport, VsockRelayTransport):
             cids = CidTable(transport)
@@ -310,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("kv", cmd_kv, "KV cache tiers, occupancy and hit rates per guest")
     con = add("console", cmd_console, "attach to a guest's serial console")
     con.add_argument("name")
+    from hypervisor import search_cli
+
+    search_cli.register(add)
     return p
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import grpc
 
@@ -74,10 +75,16 @@ def status_message(status: GuestStatus) -> link_pb2.StatusReport:
 
 
 class CommandRunner:
-    """Carries out one host Command; failures become a CommandResult, never an exception."""
+    """Carries out one host Command; failures become a CommandResult, never an exception.
 
-    def __init__(self, sysfs: Path = SYSFS) -> None:
+    `handlers` adds kinds served by other parts of the agent (kind → function returning the
+    output text); whatever they raise is reported to the host as the command's error.
+    """
+
+    def __init__(self, sysfs: Path = SYSFS,
+                 handlers: Mapping[str, Callable[[link_pb2.Command], str]] | None = None) -> None:
         self.sysfs = sysfs
+        self.handlers = dict(handlers or {})
 
     def run(self, cmd: link_pb2.Command) -> link_pb2.CommandResult:
         kind = cmd.WhichOneof("kind")
@@ -87,6 +94,12 @@ class CommandRunner:
                 return link_pb2.CommandResult(id=cmd.id, ok=True, output=str(online))
             if kind == "ping":
                 return link_pb2.CommandResult(id=cmd.id, ok=True, output=cmd.ping.payload)
+            if kind in self.handlers:
+                try:
+                    return link_pb2.CommandResult(id=cmd.id, ok=True, output=self.handlers[kind](cmd))
+                except Exception as exc:  # noqa: BLE001 - the host gets one line, the agent goes on
+                    log.warning("command %s failed: %s", kind, exc)
+                    return link_pb2.CommandResult(id=cmd.id, ok=False, error=str(exc) or type(exc).__name__)
             return link_pb2.CommandResult(id=cmd.id, ok=False, error=f"unknown command {kind or 'empty'}")
         except (CpuError, OSError) as exc:
             return link_pb2.CommandResult(id=cmd.id, ok=False, error=str(exc))

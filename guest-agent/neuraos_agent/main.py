@@ -38,6 +38,7 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
                      help="the guest name we believe we have; the host refuses a wrong one "
                           "(default: $NEURAOS_GUEST, else no claim)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_vfs_run_arguments(run)
 
     status = sub.add_parser("status", help="print this guest's status as the host would see it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -47,11 +48,14 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 
         add_search_parser(sub).set_defaults(func=cmd_search)
         add_ask_parser(sub)  # sets func=cmd_ask
+        from neuraos_agent.vfs.cli import add_status_parser
+
+        add_status_parser(sub)  # vfs-status; sets func
     return parser
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from neuraos_agent.link import AgentConfig, AgentLink, default_link_address
+    from neuraos_agent.link import AgentConfig, AgentLink, CommandRunner, default_link_address
     from neuraos_agent.vsock_bridge import VsockBridge, parse_vsock
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -60,17 +64,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     vsock = parse_vsock(address)
     if vsock is not None:  # gRPC from PyPI cannot dial vsock: bridge it through loopback
         address = VsockBridge(*vsock).address
+    vfs = boot_vfs(args, address)
+    runner = CommandRunner(handlers={"search": vfs.search_command} if vfs else None)
     agent = AgentLink(AgentConfig(
         address=address,
         heartbeat_s=args.heartbeat,
         report_s=args.report,
         claimed_guest=args.guest,
-    ))
+    ), runner)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     logging.getLogger("neuraos.agent").info("neuraos-agent %s linking to %s", __version__, agent.config.address)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        if vfs is not None:
+            vfs.close()
     return 0
+
+
+def add_vfs_run_arguments(run: argparse.ArgumentParser) -> None:
+    from neuraos_agent.vfs import boot
+
+    run.add_argument("--vfs-mount", metavar="DIR", default=boot.env_default("NEURAOS_VFS_MOUNT", boot.DEFAULT_MOUNT),
+                     help="where the vector file system is mounted (default: $NEURAOS_VFS_MOUNT, else %(default)s)")
+    run.add_argument("--vfs-backing", metavar="DIR",
+                     default=boot.env_default("NEURAOS_VFS_BACKING", boot.DEFAULT_BACKING),
+                     help="where its files are kept (default: $NEURAOS_VFS_BACKING, else %(default)s)")
+    run.add_argument("--vfs-state", metavar="DIR", default=boot.env_default("NEURAOS_VFS_STATE", boot.DEFAULT_STATE),
+                     help="its journal and index (default: $NEURAOS_VFS_STATE, else %(default)s)")
+    run.add_argument("--no-vfs", dest="vfs", action="store_false", default=boot.enabled_by_env(),
+                     help="do not mount the vector file system (also: NEURAOS_VFS=off)")
+
+
+def boot_vfs(args: argparse.Namespace, link_address: str):  # noqa: ANN201 - BootVFS | None
+    """Start mounting the vector file system in the background (the link does not wait for it)."""
+    if not args.vfs:
+        return None
+    from pathlib import Path
+
+    from neuraos_agent.vfs.boot import BootConfig, BootVFS
+
+    vfs = BootVFS(BootConfig(Path(args.vfs_mount), Path(args.vfs_backing), Path(args.vfs_state)), link_address)
+    vfs.start()
+    return vfs
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -63,3 +63,36 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="neuraos-agent search", description=__doc__.splitlines()[0])
     configure(p)
     return cmd_search(p.parse_args(argv))
+
+
+def add_status_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    """`neuraos-agent vfs-status`: is the mount up, how much is waiting, what is indexed (root only)."""
+    p = sub.add_parser("vfs-status", help="the vector file system's journal and index counters")
+    p.add_argument("--path-prefix", metavar="P", default="", help="count only files under this path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help=f"agent socket (default {DEFAULT_SOCKET})")
+    p.set_defaults(func=cmd_status)
+    return p
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from neuraos_agent.vfs.query_socket import status
+
+    try:
+        st = status(args.socket, args.path_prefix)
+    except VFSError as exc:
+        print(f"neuraos-agent vfs-status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    under = f" under {st['path_prefix']}" if st.get("path_prefix") else ""
+    print(f"mount       {st['mountpoint']}")
+    print(f"pending     {st['pending_records']} journal records")
+    print(f"indexed     {st['vector_files']} files with vectors, {st['indexed_files']} by words{under}")
+    print(f"reconciled  {'yes' if st['reconciled'] else 'not yet'}")
+    print(f"embedder    {'available' if st['embedder_available'] else 'unavailable (work waits in the journal)'}")
+    print(f"rebuilds    {st['index_rebuilds']}")
+    if st["last_error"]:
+        print(f"last error  {st['last_error']}")
+    return 0

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("neuraos.vfs.socket")
 
 SearchCall = Callable[[str, int, str, Caller], "list[SearchHit]"]
+StatusCall = Callable[[str], dict]  # path prefix → the VFSStatus as a dict (counts only, no paths)
 MAX_REQUEST = 64 * 1024
 
 
@@ -46,15 +47,22 @@ def peer_caller(sock: socket.socket) -> Caller:
 class QueryServer:
     """Serves `search` on a unix socket at `path` (mode 0666: every user may ask, for their files)."""
 
-    def __init__(self, path: Path, search: SearchCall) -> None:
+    def __init__(self, path: Path, search: SearchCall, status: StatusCall | None = None) -> None:
         self.path = Path(path)
         self.search = search
+        self.status = status
         outer = self
 
         class Handler(socketserver.StreamRequestHandler):
             def handle(self) -> None:
                 try:
                     req = json.loads(self.rfile.readline(MAX_REQUEST))
+                    if req.get("op") == "status" and outer.status is not None:
+                        if peer_caller(self.request).uid != 0:  # counts under a prefix say what exists
+                            raise PermissionError("the vector file system's status is for root only")
+                        self.wfile.write(json.dumps({"status": outer.status(str(req.get("path_prefix", "")))})
+                                         .encode() + b"\n")
+                        return
                     caller = peer_caller(self.request)
                     hits = outer.search(str(req["query"]), int(req.get("k", 10)),
                                         str(req.get("path_prefix", "")), caller)
@@ -84,11 +92,26 @@ def query(path: Path, query_text: str, k: int = 10, path_prefix: str = "", timeo
     """Ask the running agent; `VFSError` when it is not running or the search failed."""
     from neuraos_agent.vfs.search import SearchHit
 
+    resp = _ask(path, {"query": query_text, "k": k, "path_prefix": path_prefix}, timeout)
+    if "error" in resp or "hits" not in resp:
+        raise VFSError(resp.get("error", "empty answer from the vector file system"))
+    return [SearchHit(**h) for h in resp["hits"]]
+
+
+def status(path: Path, path_prefix: str = "", timeout: float = 30.0) -> dict:
+    """The running VFS's counters (pending journal records, indexed files under a prefix, rebuilds)."""
+    resp = _ask(path, {"op": "status", "path_prefix": path_prefix}, timeout)
+    if "status" not in resp:
+        raise VFSError(resp.get("error", "empty answer from the vector file system"))
+    return resp["status"]
+
+
+def _ask(path: Path, request: dict, timeout: float) -> dict:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps({"query": query_text, "k": k, "path_prefix": path_prefix}).encode() + b"\n")
+            sock.sendall(json.dumps(request).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):
                 part = sock.recv(65536)
@@ -99,7 +122,4 @@ def query(path: Path, query_text: str, k: int = 10, path_prefix: str = "", timeo
         raise VFSError(f"the vector file system is not running (no socket at {path})") from exc
     except OSError as exc:
         raise VFSError(f"cannot reach the vector file system at {path}: {exc}") from exc
-    resp = json.loads(buf or b"{}")
-    if "error" in resp or "hits" not in resp:
-        raise VFSError(resp.get("error", "empty answer from the vector file system"))
-    return [SearchHit(**h) for h in resp["hits"]]
+    return json.loads(buf or b"{}")

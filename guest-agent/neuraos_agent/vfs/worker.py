@@ -114,19 +114,29 @@ class IndexWorker:
                 backoff = min(backoff * 2, self.config.retry_max_s)
             except IndexCorrupt as exc:
                 self._set(last_error=str(exc))
-                self.on_corrupt(exc)
-                self.state.reconciled = False
+                self._rebuild(exc, backoff)
+                backoff = min(backoff * 2, self.config.retry_max_s)
             except Exception as exc:  # noqa: BLE001 - keep following the journal; the error is shown
                 log.exception("indexing failed; retrying")
                 self._set(last_error=f"{type(exc).__name__}: {exc}")
                 store_failures = store_failures + 1 if _store_error(exc) else 0
                 if store_failures >= self.config.store_failures_to_rebuild:
                     store_failures = 0
-                    self.on_corrupt(IndexCorrupt(f"the vector store keeps failing: {exc}"))
-                    self.state.reconciled = False
+                    self._rebuild(IndexCorrupt(f"the vector store keeps failing: {exc}"), backoff)
                     continue
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.retry_max_s)
+
+    def _rebuild(self, exc: IndexCorrupt, backoff: float) -> None:
+        """Start the index again from the files; if even that fails (a full disk), wait and retry
+        on the next turn of the loop instead of ending the worker."""
+        self.state.reconciled = False
+        try:
+            self.on_corrupt(exc)
+        except Exception as again:  # noqa: BLE001 - the loop retries; the cause is shown
+            log.error("rebuilding the index failed (%s); retrying", again)
+            self._set(last_error=f"rebuild failed: {again}")
+            self._stop.wait(backoff)
 
     def _reconcile(self) -> None:
         upto = self.journal.last_seq  # everything journalled so far is covered by a full scan
