@@ -47,6 +47,10 @@ class ServiceConfig:
     max_stops: int = 8
     max_embed_texts: int = 128  # 128 x 384 float32 stays under the link's 256 KiB messages
     max_embed_chars: int = 8_192
+    # An embedding token is a forward pass through MiniLM (22 M parameters, no generation): about
+    # a twentieth of an LLM token's compute, so a guest indexing its files is not throttled as if
+    # it were generating text (at full weight, 1,000 short files took 140 s of quota waits).
+    embed_token_weight: float = 0.05
     slot_wait_s: float = 30.0
     quota: GuestQuota = GuestQuota()
     guest_quotas: Mapping[str, GuestQuota] = field(default_factory=dict)
@@ -286,7 +290,8 @@ class ModelService:
         limits, counters = self._admit(guest)
         try:
             vectors = self.embedder.embed(guest, texts)
-            limits.bucket.charge(sum(len(t) for t in texts) / 4 + len(texts))  # ~4 characters a token
+            tokens = sum(len(t) for t in texts) / 4 + len(texts)  # ~4 characters a token
+            limits.bucket.charge(tokens * cfg.embed_token_weight)
             with self._lock:
                 counters.embed_texts += len(texts)
             return vectors

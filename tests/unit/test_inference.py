@@ -481,3 +481,18 @@ def test_vllm_backend_against_a_real_server(tmp_path) -> None:
     finally:
         backend.close()
     assert backend.server is not None and backend.server.proc.poll() is not None  # no process left behind
+
+
+@needs_embed
+def test_embedding_tokens_cost_a_fraction_of_the_quota_of_llm_tokens(batcher, make_host) -> None:
+    host = make_host(None, batcher)
+    alpha = host.client("alpha")
+    bucket = lambda: host.service._limits["alpha"].bucket.level  # noqa: E731
+    alpha.embed(["warm up"])
+    before = bucket()
+    alpha.embed(["word " * 200] * 20)  # ~5,000 tokens of text
+    spent = before - bucket()
+    weight = ServiceConfig().embed_token_weight
+    # Charged (not free), at the embedding weight (not as LLM tokens); the bucket starts full, so
+    # refills during the call cannot hide the charge.
+    assert 0.5 * 5_000 * weight < spent < 5_100 * weight + 50
