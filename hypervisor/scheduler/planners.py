@@ -37,8 +37,9 @@ class Planner(Protocol):
     def forget(self, guest: str) -> None: ...
 
 
-LIVE_POLICY = PolicyConfig(headroom=0.25, lead_ticks=2, min_cpu_share=0.1)
-"""The live loop's policy: cover two ticks ahead (one to act, one of timer jitter), keep 25%
+LIVE_POLICY = PolicyConfig(headroom=0.25, lead_ticks=3, min_cpu_share=0.1)
+"""The live loop's policy: cover three ticks ahead (a burst shows in the tick series a tick
+after it starts, one tick to act, one of jitter), keep 25%
 above the forecast (a per-tick forecast is noisier than the 5-minute one the defaults were
 chosen on, and a guest held at its cap hides its demand), and let the CPU quota go down to a
 tenth of the guest's minimum vCPUs while it is idle."""
