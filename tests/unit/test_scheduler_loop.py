@@ -301,3 +301,24 @@ def test_cli_top_and_forecast_read_the_running_loops_files(conn, dom, tmp_path, 
     fc = json.loads(capsys.readouterr().out)
     assert fc["guest"] == dom and len(fc["forecast"]["cpu_p98_cores"]) == 6
     assert fc["actions"] and "planned" in fc
+
+
+def test_loop_thread_ticks_on_schedule_until_stopped(conn, dom, tmp_path):
+    loop = make_loop(conn, tmp_path, [dom])
+    with loop:
+        time.sleep(0.65)
+    n = loop.ticks
+    assert 4 <= n <= 8  # 0.1 s ticks
+    time.sleep(0.3)
+    assert loop.ticks == n
+
+
+def test_a_guest_held_at_its_cap_counts_as_wanting_more(conn, dom, tmp_path):
+    loop = make_loop(conn, tmp_path, [dom])
+    b = GuestPolicy(max_vcpus=2)
+    loop.current[dom] = Allocation(1, 30_000, 100_000, 768)  # 0.3 cores
+    loop._observe_demand(sample(dom, 1.0, 0.29), b)  # at its cap: censored
+    loop._observe_demand(sample(dom, 2.0, 0.10), b)  # well under: as used
+    loop.current[dom] = Allocation(2, 100_000, 100_000, 768)
+    loop._observe_demand(sample(dom, 3.0, 1.99), b)  # at its maximum: nothing more to give
+    assert list(loop.demand[dom]) == pytest.approx([0.6, 0.10, 1.99])
