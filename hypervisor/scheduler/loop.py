@@ -32,7 +32,7 @@ from hypervisor.scheduler.live_forecast import Explained, LiveForecastConfig, Li
 from hypervisor.scheduler.live_state import write_live
 from hypervisor.scheduler.planners import PlanInput, Planner
 from hypervisor.scheduler.policy import Allocation, GuestForecast, HostCapacity
-from hypervisor.telemetry.collectors import Sample
+from hypervisor.telemetry.collectors import LibvirtCollector, Sample
 from hypervisor.telemetry.nvml import HeadroomGuard, Nvml, open_nvml
 from hypervisor.telemetry.ring import TelemetryRing
 from hypervisor.virt import domains
@@ -41,7 +41,7 @@ from hypervisor.virt.templates import GuestPolicy
 
 log = logging.getLogger("neuraos.scheduler")
 
-IntentSource = Callable[[str], "tuple[object, float | None]"]  # guest -> (raw intent, received unix)
+IntentSource = Callable[[str], tuple[object, "float | None"]]  # guest -> (raw intent, when it was received)
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,9 @@ class SchedulerLoop:
     def __init__(self, conn: Connection, actuator: Actuator, planner: Planner, forecaster: LiveForecaster,
                  paths: Paths, host: HostCapacity, guests: Callable[[], list[str]],
                  intents: IntentSource = lambda _n: (None, None), cfg: LoopConfig = LoopConfig(),
-                 collector=None, nvml: Nvml | None | bool = False,
+                 collector: LibvirtCollector | None = None, gpu: bool = True, nvml: Nvml | None = None,
                  bounds: Callable[[str], GuestPolicy] | None = None) -> None:
-        from hypervisor.telemetry.collectors import LibvirtCollector
-
+        """`gpu`: run the NVML headroom guard (on `nvml`, or the host's own where None)."""
         self.conn = conn
         self.actuator = actuator
         self.planner = planner
@@ -109,10 +108,12 @@ class SchedulerLoop:
         self.current: dict[str, Allocation] = {}
         self.demand: dict[str, deque[float]] = {}
         self.guard = HeadroomGuard()
-        if nvml is None or nvml is True:  # ask NVML; False: the caller has no GPU guard
+        if not gpu:
+            self.nvml, self.gpu_status = None, "GPU guard off"
+        elif nvml is None:
             self.nvml, self.gpu_status = open_nvml()
         else:
-            self.nvml, self.gpu_status = (nvml or None), ("GPU guard off" if nvml is False else "NVML")
+            self.nvml, self.gpu_status = nvml, "NVML"
         if self.nvml is None:
             log.info("GPU guard does nothing: %s", self.gpu_status)
         self._stop = threading.Event()
@@ -360,4 +361,4 @@ def controller_loop(ctl, state_dir: Path, cfg: LoopConfig = LoopConfig(), planne
         ctl.conn, Actuator(ctl, cfg.vcpu_timeout_s), planner or ForecastPlanner(),
         LiveForecaster(load_forecaster() if model is False else model,
                        LiveForecastConfig(tick_s=cfg.tick_s)),
-        scheduler_paths(state_dir), host_capacity(), guests, intents, cfg, nvml=None)
+        scheduler_paths(state_dir), host_capacity(), guests, intents, cfg)

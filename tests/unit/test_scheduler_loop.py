@@ -184,7 +184,7 @@ def make_loop(conn: Connection, tmp_path: Path, names: list[str], intents=None, 
                          LiveForecaster(None, LiveForecastConfig(tick_s=0.1)), Paths(tmp_path / "sched"),
                          HostCapacity(4, 8192), guests=lambda: names,
                          intents=intents or (lambda _n: (None, None)), cfg=LoopConfig(tick_s=0.1),
-                         collector=collector, nvml=None)
+                         collector=collector)  # the GPU guard asks this host's NVML
 
 
 def test_loop_ticks_on_a_real_driver_skipping_memory_without_balloon_stats(conn, dom, tmp_path):
