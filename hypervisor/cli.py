@@ -144,6 +144,10 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
                               "guests": _guest_rows(cfg, conn, store)}))
         if args.detach:
             return 0
+        from hypervisor.scheduler.loop import controller_loop
+
+        sched = stack.enter_context(controller_loop(ctl, cfg.state_dir))
+        say(f"scheduler: every {sched.cfg.tick_s:g} s (`neuraos top`); GPU guard: {sched.gpu_status}")
         say("controller running; Ctrl-C stops it (guests keep running)")
         deadline = time.monotonic() + args.for_s if args.for_s else None
         with Live(_table(_guest_rows(cfg, conn, store)), console=out, refresh_per_second=1,
@@ -311,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models", cmd_models, "model backends, loaded models and the running model service")
     add("kv", cmd_kv, "KV cache tiers, occupancy and hit rates per guest")
+    from hypervisor.scheduler.cli import register as register_scheduler
+
+    register_scheduler(add)
     con = add("console", cmd_console, "attach to a guest's serial console")
     con.add_argument("name")
     from hypervisor import search_cli

@@ -38,6 +38,7 @@ class PolicyConfig:
     hold_ticks: int = 3  # an allocation is kept at least this many ticks before lowering
     lower_band: float = 0.2  # lower only when the target is this far below the allocation
     cpu_period_us: int = 100_000
+    min_cpu_share: float = 1.0  # CPU may go down to this share of min_vcpus cores (by quota); 1: whole vCPUs
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def decide(guests: Sequence[GuestInput], host: HostCapacity, cfg: PolicyConfig =
     if not guests:
         return Decision([], {})
     n = len(guests)
-    lo = np.array([[g.bounds.min_vcpus, g.bounds.min_memory_mib] for g in guests], np.float64)
+    lo = np.array([[g.bounds.min_vcpus * cfg.min_cpu_share, g.bounds.min_memory_mib] for g in guests], np.float64)
     hi = np.array([[g.bounds.max_vcpus, g.bounds.max_memory_mib] for g in guests], np.float64)
     prev = np.array([[g.state.cpu_cores, g.state.memory_mib] if g.state else hi[i] for i, g in enumerate(guests)])
     held = np.array([[g.state.cpu_held, g.state.memory_held] if g.state else [0, 0] for g in guests], np.int64)
