@@ -349,6 +349,10 @@ def test_embedder_unreachable_writes_continue_and_journal_holds_work(
         assert paths(vfs.search("recipe for an Italian meal", k=1)) == []
         embedder.available = True
         assert vfs.wait_indexed(30)
+        # The worker marks the host reachable just after the batch it committed.
+        deadline = time.monotonic() + 5
+        while not vfs.status().embedder_available and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert vfs.status().pending_records == 0 and vfs.status().embedder_available
         assert paths(vfs.search("recipe for an Italian meal", k=1)) == ["kitchen/pasta.md"]
 
