@@ -125,12 +125,14 @@ def live_table(live: dict[str, Any]) -> Table:
     e = live["engine"]  # this machine's speed in the same run: a loaded machine shows here first
     t = Table(title=f"(b) {live['data']}: time to first token (ms); engine {e['prompt_tok_per_s']} prompt tok/s, "
                     f"{e['gen_tok_per_s']} gen tok/s")
-    cols = ["system", "ttft_ms_p50", "ttft_ms_p99", "miss_ttft_ms_p50", "speedup_p50_vs_reprefill",
-            "restores", "re_prefills", "slot_hits", "same_as_unbounded_frac"]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "system" else "right")
+    cols = {"system": "system", "ttft_ms_p50": "p50", "ttft_ms_p99": "p99", "miss_ttft_ms_p50": "miss p50",
+            "speedup_p50_vs_reprefill": "x faster", "restores": "restored", "re_prefills": "prefilled",
+            "same_as_unbounded_frac": "same"}
+    for c, label in cols.items():
+        t.add_column(label, justify="left" if c == "system" else "right", no_wrap=c == "system")
     for r in live["rows"]:
-        t.add_row(*[str(r.get(c, "—")) for c in cols])
+        t.add_row(*[f"{v:.0f}" if c.startswith(("ttft", "miss")) else str(v)
+                    for c in cols for v in [r.get(c, "—")]])
     return t
 
 
