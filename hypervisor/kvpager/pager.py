@@ -3,8 +3,9 @@
 Two layers. `Placement` is metadata only: which tier holds each page, capacities
 enforced, victims named by each tier's policy and cascaded down (fast → RAM → NVMe
 → dropped); it returns the moves it decided. `KVPager` carries the bytes: it runs
-those moves on real tiers, owns sessions (a session belongs to one guest and no
-other guest can read it), and prefetches the pages of sessions predicted to speak
+those moves on real tiers, owns sessions (a session is named by its guest and its
+name together, so two guests' sessions of the same name are two sessions and neither
+can reach the other's), and prefetches the pages of sessions predicted to speak
 soon on a worker thread, so a request never waits for a tier move it did not need.
 The trace simulator drives the same `Placement` with no bytes at all.
 """
@@ -31,6 +32,8 @@ Key = Hashable
 
 
 class SessionAccessDenied(KVPagerError):
+    """Kept for callers that catch it: sessions are keyed by (guest, name), so no guest can name another's."""
+
     hint = "a guest can read and resume only the sessions it opened itself"
 
 
@@ -217,7 +220,7 @@ class KVPager:
         self.hints = hints if hints is not None else SessionHints()
         self.clock = clock
         self._lock = threading.Lock()
-        self._owners: dict[str, str] = {}  # session id -> guest
+        self._sessions: set[SessionKey] = set()  # (guest, session): a guest names only its own
         self._prefix: dict[SessionKey, tuple[BlockHash, ...]] = {}
         self._stats = PagerStats()
         self._jobs: queue.Queue[SessionKey | None] = queue.Queue()
@@ -259,11 +262,10 @@ class KVPager:
     # -- sessions
 
     def open_session(self, guest: str, session: str, *, priority: float = 1.0) -> SessionKey:
+        """Open (or reopen) `guest`'s session `session`; another guest's session of that name is another session."""
         with self._lock:
-            owner = self._owners.setdefault(session, guest)
-            if owner != guest:
-                raise SessionAccessDenied(f"session {session!r} belongs to another guest")
             key = SessionKey(guest, session)
+            self._sessions.add(key)
             self.hints.set(key, priority=priority)
             return key
 
@@ -271,7 +273,7 @@ class KVPager:
         """Forget the session; its pages stay as cache for the guest's other sessions, and age out."""
         with self._lock:
             key = self._session(guest, session)
-            del self._owners[session]
+            self._sessions.discard(key)
             self._prefix.pop(key, None)
             self.hints.clear(key)
 
@@ -287,12 +289,10 @@ class KVPager:
             self._jobs.put(key)
 
     def _session(self, guest: str, session: str) -> SessionKey:
-        owner = self._owners.get(session)
-        if owner is None:
-            raise UnknownSession(f"no session {session!r}")
-        if owner != guest:
-            raise SessionAccessDenied(f"session {session!r} belongs to another guest")
-        return SessionKey(guest, session)
+        key = SessionKey(guest, session)
+        if key not in self._sessions:
+            raise UnknownSession(f"guest {guest!r} has no session {session!r}")
+        return key
 
     # -- the request path
 

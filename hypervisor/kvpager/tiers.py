@@ -139,9 +139,11 @@ _HEADER = struct.Struct("<8sQQ16sH")
 class NvmeTier(Tier):
     """Page files under a directory, one folder per guest, each verified on read.
 
-    A write goes to a temporary file and is renamed into place, so a crash leaves
-    either the old page or none. No fsync: a page lost to a power cut is a miss,
-    and a miss only costs a re-prefill.
+    A write goes to a temporary file, is fsync'ed, renamed into place, and the
+    directory is fsync'ed too: only then does `put` return and the page count as
+    stored, so a crash or power cut leaves the old page or the new one, whole, never
+    a page the pager believes in but the disk lost. A torn file that slips through
+    anyway (a lying disk) still fails its checksum and reads as a miss.
     """
 
     def __init__(self, name: str, capacity_bytes: int, directory: Path) -> None:
@@ -158,11 +160,16 @@ class NvmeTier(Tier):
         guest = key.guest.encode()
         header = _HEADER.pack(_MAGIC, key.block & 0xFFFFFFFFFFFFFFFF, len(data), checksum(data), len(guest))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(self.directory)  # the new guest folder's entry is durable too
             with open(tmp, "wb") as f:
                 f.write(header + guest)
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the rename itself reaches the disk
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
@@ -185,6 +192,14 @@ class NvmeTier(Tier):
 
     def _delete(self, key: PageKey) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _safe(guest: str) -> str:

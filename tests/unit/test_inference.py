@@ -271,6 +271,26 @@ def _pager(tmp_path: Path, tier: str):
     return store, path if tier == "nvme" else None
 
 
+def test_parked_sessions_of_two_guests_with_one_name_never_mix(tmp_path: Path) -> None:
+    """Through the KV pager (RAM full, so pages go to NVMe files): each guest gets only its own state."""
+    from hypervisor.inference.backends import KVState
+
+    store, _ = _pager(tmp_path, "nvme")
+    tokens = tuple(range(40))  # the same tokens, so the same prefix hashes: only the guest differs
+
+    def state(tag: bytes) -> KVState:
+        return KVState("m", tokens, tuple(tag * 8 + bytes([i]) for i in range(5)), 8)
+
+    assert store.put(("alpha", "s1"), state(b"A")) == "nvme"
+    assert store.get(("beta", "s1")) == (None, "none")  # beta never parked an "s1"
+    store.put(("beta", "s1"), state(b"B"))
+    got_a, _ = store.get(("alpha", "s1"))
+    got_b, _ = store.get(("beta", "s1"))
+    assert got_a == state(b"A") and got_b == state(b"B")
+    store.drop(("beta", "s1"))
+    assert store.get(("beta", "s1")) == (None, "none") and store.get(("alpha", "s1"))[0] == state(b"A")
+
+
 @needs_llm
 @pytest.mark.parametrize("make_store", [_parking, _pager], ids=["parking", "kvpager"])
 @pytest.mark.parametrize("tier", ["ram", "nvme"])

@@ -23,7 +23,6 @@ from hypervisor.kvpager import (
     Placement,
     RelevancePolicy,
     ReuseModel,
-    SessionAccessDenied,
     SessionHints,
     SessionKey,
     TierFull,
@@ -112,6 +111,32 @@ def test_nvme_page_round_trip_and_header(tmp_path: Path) -> None:
     assert tier.get(key) == page(7)
 
 
+def test_nvme_page_is_fsynced_with_its_directory_before_it_counts_as_stored(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from hypervisor.kvpager import tiers
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(tiers.os, "fsync", fsync)
+    tier = NvmeTier("nvme", 10 * PAGE, tmp_path)
+    key = PageKey("g1", 7)
+    tier.put(key, page(7))
+    path = tier.path(key)
+    # the new guest folder's entry, the data (written as .tmp, then renamed), the rename
+    assert synced == [str(tmp_path), str(path.with_suffix(".tmp")), str(path.parent)]
+    assert tier.get(key) == page(7) and not path.with_suffix(".tmp").exists()
+    synced.clear()
+    tier.put(PageKey("g1", 8), page(8))  # the folder exists now: file, then folder
+    assert synced == [str(tier.path(PageKey("g1", 8)).with_suffix(".tmp")), str(path.parent)]
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
 def test_damaged_page_file_is_a_miss_never_wrong_data(tmp_path: Path, damage: str) -> None:
     pager = make_pager(tmp_path, fast=1, ram=1, nvme=8)
@@ -184,18 +209,24 @@ def test_a_guest_cannot_read_or_resume_another_guests_session(tmp_path: Path) ->
     pager.open_session("alice", "s-1")
     blocks = chain(3)
     pager.store("alice", "s-1", blocks, [page(b) for b in blocks])
+    # mallory has opened nothing: naming alice's session reaches nothing of it
     for call in (lambda: pager.lookup("mallory", "s-1", blocks), lambda: pager.load("mallory", "s-1", blocks),
-                 lambda: pager.store("mallory", "s-1", [9], [page(9)]), lambda: pager.hint("mallory", "s-1",
-                                                                                          next_use_in_s=1),
-                 lambda: pager.open_session("mallory", "s-1"), lambda: pager.close_session("mallory", "s-1")):
-        with pytest.raises(SessionAccessDenied, match="belongs to another guest"):
+                 lambda: pager.store("mallory", "s-1", [9], [page(9)]),
+                 lambda: pager.hint("mallory", "s-1", next_use_in_s=1), lambda: pager.prefetch("mallory", "s-1"),
+                 lambda: pager.close_session("mallory", "s-1")):
+        with pytest.raises(UnknownSession, match="'mallory' has no session 's-1'"):
             call()
-    with pytest.raises(UnknownSession):
-        pager.load("mallory", "s-2", blocks)
-    # the same prefix hashes in another guest's own session find nothing: pages are per guest
-    pager.open_session("mallory", "s-2")
-    assert pager.lookup("mallory", "s-2", blocks).cached == 0
+    # sessions are keyed by (guest, name): mallory's own "s-1" is another session, and the same
+    # prefix hashes find nothing there, since pages are per guest too
+    pager.open_session("mallory", "s-1")
+    assert pager.lookup("mallory", "s-1", blocks).cached == 0
+    assert pager.load("mallory", "s-1", blocks) == []
+    pager.store("mallory", "s-1", blocks, [page(100 + b) for b in blocks])  # her own, different KV
+    pager.close_session("mallory", "s-1")  # closing hers leaves alice's open
     assert pager.load("alice", "s-1", blocks) == [page(b) for b in blocks]
+    pager.open_session("mallory", "s-1")
+    assert pager.load("mallory", "s-1", blocks) == [page(100 + b) for b in blocks]
+    assert pager.stats().guests["alice"].blocks == 3
 
 
 # ---------------------------------------------------------------- prefix hits
