@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from neuraos_agent.rlm.budget import Budget
-from neuraos_agent.rlm.clients import LinkClient, LlamaCppClient, LLMClient, OpenAICompatClient
+from neuraos_agent.rlm.clients import (DEFAULT_LINK_WINDOW, LinkClient, LlamaCppClient, LLMClient,
+                                       OpenAICompatClient)
 from neuraos_agent.rlm.context import resolve
 from neuraos_agent.rlm.errors import RLMError
 from neuraos_agent.rlm.loop import RLM, RLMConfig
@@ -63,7 +64,7 @@ def _client(args: argparse.Namespace) -> LLMClient:
         return LlamaCppClient(path, n_ctx=args.window or 2048)
     if args.endpoint:
         return OpenAICompatClient(args.endpoint, args.model, window=args.window or 8192)
-    return LinkClient(window=args.window or 8192)
+    return LinkClient(window=args.window or int(os.environ.get("NEURAOS_RLM_WINDOW", DEFAULT_LINK_WINDOW)))
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
