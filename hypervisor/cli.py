@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("models", cmd_models, "model backends, loaded models and the running model service")
     add("kv", cmd_kv, "KV cache tiers, occupancy and hit rates per guest")
+    from hypervisor.rlm.cli import register as register_ask
+
+    register_ask(add)
     con = add("console", cmd_console, "attach to a guest's serial console")
     con.add_argument("name")
     return p

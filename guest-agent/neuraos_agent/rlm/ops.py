@@ -93,16 +93,21 @@ def grammar(question: str, vocab: Vocabulary) -> str:
 
     The pipeline's value is text (t), records (r), a list (l) or a single answer (s); each rule
     lists the operations that make sense on that type, so a program cannot end before it has
-    computed an answer (`final` only follows a scalar) or apply `top` to raw text.
+    computed an answer (`final` only follows a scalar) or apply `top` to raw text. Extracted
+    values (x) and sorted ones (y) cannot be extracted or sorted again: measured with SmolLM2
+    over the host's backend (no repeat penalty), a prompt it found unfamiliar made it write
+    `extract number` until max_tokens, which the grammar now rules out.
     """
     strs = _spans(question) or ["?"]
     fields, classify, rank = bool(vocab.fields), "classify" in vocab.tools, "rank" in vocab.tools
     # no `answer` on text: a long text must be cut down (grep, rank, chunk) before a model reads it
-    t = ['"grep " str "\\n" l', '"peek " num "\\n" t', '"chunk " num "\\n" l', '"extract " ext "\\n" l']
+    # nor `extract` on the whole text: every number or word of a context past the window is no
+    # answer, and a small root that is unsure opens with it (measured: "extract letter; first")
+    t = ['"grep " str "\\n" l', '"peek " num "\\n" t', '"chunk " num "\\n" l']
     r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"count\\n" s', '"first\\n" s']
-    lst = ['"extract " ext "\\n" l', '"grep " str "\\n" l', '"ask\\n" l', '"sort\\n" l', '"first\\n" s',
-           '"count\\n" s', '"count " str "\\n" s', '"top\\n" s', '"vote\\n" s', '"compare " str " " str "\\n" s',
-           '"answer\\n" s']
+    ends = ['"first\\n" s', '"count\\n" s', '"count " str "\\n" s', '"top\\n" s', '"vote\\n" s',
+            '"compare " str " " str "\\n" s', '"answer\\n" s']
+    lst = ['"extract " ext "\\n" x', '"grep " str "\\n" l', '"ask\\n" l', '"sort\\n" y'] + ends
     if fields:
         t.append('"where " field " " str "\\n" r')
     if classify:
@@ -116,6 +121,8 @@ def grammar(question: str, vocab: Vocabulary) -> str:
         "t ::= " + " | ".join(t + ['"show"']),
         "l ::= " + " | ".join(lst + ['"show"']),
         "s ::= \"final\" | \"show\"",
+        "x ::= " + " | ".join(['"sort\\n" y'] + ends + ['"show"']),
+        "y ::= " + " | ".join(ends + ['"show"']),
         "str ::= \"\\\"\" (" + " | ".join(_lit(s) for s in strs) + ") \"\\\"\"",
         "num ::= [1-9] [0-9]{0,4}",
         "ext ::= " + " | ".join(_lit(e) for e in EXTRACTS),
