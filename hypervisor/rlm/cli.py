@@ -48,8 +48,9 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--gguf", type=Path, default=None, metavar="PATH", help="a GGUF for llama.cpp (default: SmolLM2)")
     p.add_argument("--window", type=int, default=None, help="model window in tokens (default 2048 for llama.cpp)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all CPUs, at most 8)")
-    p.add_argument("--no-embed", action="store_true",
-                   help="do not load the embedding model (no `rank` tool; starts faster)")
+    p.add_argument("--embed", action="store_true",
+                   help="load the host's embedding model so programs may rank pieces by meaning (the `rank` "
+                        "tool); off by default: loading it takes longer than most questions")
     p.add_argument("--max-depth", type=int, default=1, help="levels of rlm_query below the root")
     p.add_argument("--max-sub-calls", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=200_000, help="all model calls together")
@@ -102,17 +103,14 @@ class _HostEmbedder:
 
 
 def _embedder(args: argparse.Namespace):
-    if args.no_embed:
+    if not args.embed:
         return None
-    from hypervisor.inference.embed import minilm_missing
     from hypervisor.inference.errors import BackendUnavailable
 
-    if minilm_missing():
-        return None
     try:
         return _HostEmbedder()
-    except BackendUnavailable:
-        return None
+    except BackendUnavailable as exc:
+        raise NeuraError(str(exc), "leave out --embed, or install the embedding model") from None
 
 
 def _show_stored(args: argparse.Namespace, cfg: Config) -> int:

@@ -132,7 +132,7 @@ def test_ask_end_to_end_with_the_host_backend(tmp_path: Path, capsys: pytest.Cap
     cfg = tmp_path / "neuraos.toml"
     cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
     rc = main(["--config", str(cfg), "ask", "What is the special magic number for falcon mentioned in the provided text?",
-               "-c", str(docs), "--json", "--trace", "--no-embed", "--threads", "2", "--max-turns", "3"])
+               "-c", str(docs), "--json", "--trace", "--threads", "2", "--max-turns", "3"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["finished"] and doc["answer"] == number, doc
     assert doc["usage"]["root_calls"] >= 1 and doc["trace"]["context"]["items"] == 60
