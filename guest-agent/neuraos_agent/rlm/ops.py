@@ -96,17 +96,22 @@ def grammar(question: str, vocab: Vocabulary) -> str:
     computed an answer (`final` only follows a scalar) or apply `top` to raw text. Extracted
     values (x) and sorted ones (y) cannot be extracted or sorted again: measured with SmolLM2
     over the host's backend (no repeat penalty), a prompt it found unfamiliar made it write
-    `extract number` until max_tokens, which the grammar now rules out.
+    `extract number` until max_tokens, which the grammar now rules out. A multiple-choice
+    question (options "(A) ...") only admits programs whose answer can be a letter, and
+    `peek`/`chunk` take at least 100 characters (measured: "chunk 2; count; final" on one).
     """
     strs = _spans(question) or ["?"]
+    choice = bool(re.search(r"\s\(A\)\s", question))
     fields, classify, rank = bool(vocab.fields), "classify" in vocab.tools, "rank" in vocab.tools
     # no `answer` on text: a long text must be cut down (grep, rank, chunk) before a model reads it
     # nor `extract` on the whole text: every number or word of a context past the window is no
     # answer, and a small root that is unsure opens with it (measured: "extract letter; first")
-    t = ['"grep " str "\\n" l', '"peek " num "\\n" t', '"chunk " num "\\n" l']
-    r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"count\\n" s', '"first\\n" s']
-    ends = ['"first\\n" s', '"count\\n" s', '"count " str "\\n" s', '"top\\n" s', '"vote\\n" s',
-            '"compare " str " " str "\\n" s', '"answer\\n" s']
+    t = ['"grep " str "\\n" l', '"peek " size "\\n" t', '"chunk " size "\\n" l']
+    r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"first\\n" s']
+    ends = ['"first\\n" s', '"top\\n" s', '"vote\\n" s', '"answer\\n" s']
+    if not choice:
+        r.append('"count\\n" s')
+        ends += ['"count\\n" s', '"count " str "\\n" s', '"compare " str " " str "\\n" s']
     lst = ['"extract " ext "\\n" x', '"grep " str "\\n" l', '"ask\\n" l', '"sort\\n" y'] + ends
     if fields:
         t.append('"where " field " " str "\\n" r')
@@ -125,7 +130,8 @@ def grammar(question: str, vocab: Vocabulary) -> str:
         "y ::= " + " | ".join(ends + ['"show"']),
         "str ::= \"\\\"\" (" + " | ".join(_lit(s) for s in strs) + ") \"\\\"\"",
         "num ::= [1-9] [0-9]{0,4}",
-        "ext ::= " + " | ".join(_lit(e) for e in EXTRACTS),
+        "size ::= [1-9] [0-9]{2,4}",
+        "ext ::= " + " | ".join(_lit(e) for e in (("letter",) if choice else EXTRACTS)),
     ]
     if fields:
         rules.append("r ::= " + " | ".join(r + ['"show"']))
