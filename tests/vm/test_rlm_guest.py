@@ -147,3 +147,36 @@ def test_host_side_rlm_over_the_live_link(host: Host, guest, planted: Planted, t
     print(f"\n[rlm] host side over the link: {doc['answer']!r} in {time.monotonic() - t0:.1f} s; {doc['usage']}")
     assert doc["finished"] and doc["answer"].strip() == planted.number
     assert served == doc["usage"]["model_calls"] >= 1 and Path(doc["trace_path"]).exists()
+
+
+def test_guest_sandbox_stops_escapes_and_the_agent_survives(host: Host, guest):
+    """The REPL sandbox on the guest's own kernel: a socket, a read outside the view, a fork bomb
+    and a memory blow-up are each stopped and reported, and the REPL and the agent live on."""
+    out = _python(guest, """
+import json
+from neuraos_agent.rlm.confine import Limits
+from neuraos_agent.rlm.sandbox import Sandbox, SandboxConfig
+cfg = SandboxConfig(limits=Limits(memory_mib=256, turn_wall_s=20.0, turn_cpu_s=20.0), startup_timeout_s=120.0)
+attempts = {
+    "network": "import socket\\nsocket.create_connection(('10.0.2.100', 50051), timeout=3)",
+    "filesystem": "print(open('/etc/shadow').read())",
+    "process": "import os\\nwhile True:\\n    os.fork()",
+    "memory": "hog = []\\nwhile True:\\n    hog.append(bytearray(16 << 20))",
+}
+report = {}
+with Sandbox("the context " * 100, config=cfg) as sb:
+    report["confinement"] = sb.confinement.get("namespaces")
+    for want, code in attempts.items():
+        r = sb.run(code)
+        report[want] = [v.kind for v in r.violations]
+        report[want + "_out"] = r.output[:200]
+    report["alive"] = sb.run("print(len(context))").output.strip()
+print(json.dumps(report))
+""")
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["confinement"] is True, report
+    for kind in ("network", "filesystem", "process", "memory"):
+        assert kind in report[kind], report
+    assert "root:" not in report["filesystem_out"]
+    assert report["alive"] == str(len("the context " * 100))
+    assert guest.service("neuraos-agent").is_running
