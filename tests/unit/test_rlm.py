@@ -193,13 +193,19 @@ def test_root_never_receives_the_context() -> None:
 
 def test_budgets_stop_a_loop_that_does_not_finish(tmp_path: Path) -> None:
     ctx = haystack()
-    never = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nshow')
+    never = ScriptedFakeLLM(['peek 100\nshow', 'grep "blue"\nshow', 'grep "blue door"\nextract number\nshow'],
+                            default='peek 300\nshow')  # three different programs, none final
     a = RLM(never, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=3), trace_dir=tmp_path)).ask("code?", ctx)
     assert not a.finished and "turns (3)" in a.stop_reason and "best answer so far" in a.stop_reason
     assert a.text == "88121"  # the best answer so far is what the last program computed
     assert len(never.prompts) == 3 and a.trace_path and a.trace_path.exists()
     doc = json.loads(a.trace_path.read_text())
     assert len(doc["turns"]) == 3 and doc["turns"][0]["code"].startswith("_ = context")
+
+    # the same program run again to the same output is a fixpoint: its value is the answer
+    again = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nshow')
+    a = RLM(again, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=6))).ask("code?", ctx)
+    assert a.finished and a.text == "88121" and "converged" in a.stop_reason and len(again.prompts) == 2
 
     spin = ScriptedFakeLLM([], default="```repl\nanswer = 'partial'\nfor _ in range(1000):\n    llm_query('x')\n```")
     a = RLM(spin, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_sub_calls=4))).ask("q", ctx)

@@ -74,6 +74,11 @@ class LlamaCppClient:
 
     def __init__(self, model_path: Path | str | None = None, *, n_ctx: int = 1024, n_threads: int = 2,
                  seed: int = 0) -> None:
+        # ggml's OpenMP workers spin between ops unless told otherwise, and on a shared machine a
+        # descheduled spinner stalls its siblings (the host backend sets the same). Measured here
+        # (2 threads, load 9 on 2 cores, 4 prompts of 781 tokens): 96-141 s spinning, 25-30 s
+        # passive. OpenMP reads it once, when llama.cpp's library loads, so it is set before that.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             from llama_cpp import Llama, LlamaGrammar
         except ImportError as exc:

@@ -139,6 +139,7 @@ class RLM:
                                tools=tuple(t for t in ("classify", "rank") if _offered(self.tools.get(t), question)))
         steps: list[prompts.Step] = []
         best, finished, stop = "", False, ""
+        seen: set[tuple[str, str]] = set()
         try:
             sandbox = Sandbox(context, config=cfg.sandbox, tools=tuple(self.tools))
             sandbox.start()
@@ -166,6 +167,15 @@ class RLM:
                 if q.exhausted:
                     stop = q.exhausted
                     break
+                # A program run again with the same output is a fixpoint: another turn can learn
+                # nothing, so its value is the answer (a small root that ends with `show` and then
+                # repeats itself would otherwise spend every turn left; measured with SmolLM2).
+                ran = (turn.code.strip(), turn.output.strip())
+                if ran[0] and not turn.error and result is not None and result.candidate and ran in seen:
+                    best, finished = result.candidate.strip(), True
+                    stop = "converged: the root ran the same program again and got the same result"
+                    break
+                seen.add(ran)
                 steps.append(prompts.Step(turn.model_text if cfg.mode == "ops" else turn.code, turn.output))
             else:
                 stop = f"turns ({budget.max_turns})"
