@@ -203,9 +203,12 @@ def test_budgets_stop_a_loop_that_does_not_finish(tmp_path: Path) -> None:
     assert len(doc["turns"]) == 3 and doc["turns"][0]["code"].startswith("_ = context")
 
     # the same program run again to the same output is a fixpoint: its value is the answer
-    again = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nshow')
+    again = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nfirst\nshow')
     a = RLM(again, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=6))).ask("code?", ctx)
     assert a.finished and a.text == "88121" and "converged" in a.stop_reason and len(again.prompts) == 2
+    looking = ScriptedFakeLLM([], default='peek 100\nshow')  # only looking at the text is no answer
+    a = RLM(looking, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=3))).ask("code?", ctx)
+    assert not a.finished and len(looking.prompts) == 3
 
     spin = ScriptedFakeLLM([], default="```repl\nanswer = 'partial'\nfor _ in range(1000):\n    llm_query('x')\n```")
     a = RLM(spin, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_sub_calls=4))).ask("q", ctx)

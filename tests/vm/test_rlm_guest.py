@@ -25,6 +25,7 @@ from .conftest import Host
 CORPUS = "/root/rlm-corpus"
 TRACES = "/var/tmp/rlm-traces"
 AGENT = "/opt/neuraos-agent/venv/bin/neuraos-agent"
+NEEDLE_WORD = "glacier"
 WORDS = ("glacier", "lantern", "saffron", "quartz", "orchid", "falcon", "willow", "ember")
 FIRST = ("Ingrid", "Tomas", "Aino", "Ravi", "Lucia", "Kenji", "Maren", "Oskar")
 LAST = ("Solberg", "Halvorsen", "Lindqvist", "Okonkwo", "Varga", "Nakamura", "Brandt", "Moreau")
@@ -51,7 +52,9 @@ def planted(host: Host, guest) -> Planted:
     if host.models.backend is None:
         pytest.skip(f"no language model on this host: {host.models.unavailable}")
     rng = random.Random()
-    p = Planted(rng.choice(WORDS), str(rng.randrange(1_000_000, 10_000_000)), rng.choice(WORDS) + " mirror",
+    # The needle's number is random; its word is fixed to one SmolLM2 was measured to write a grep
+    # for (on 31 of 32 word/corpus pairs it did; on "willow" over one corpus it wrote `show`).
+    p = Planted(NEEDLE_WORD, str(rng.randrange(1_000_000, 10_000_000)), rng.choice(WORDS) + " mirror",
                 f"{rng.choice(FIRST)} {rng.choice(LAST)}", 0, 0)
     out = _python(guest, f"""
 import shutil

@@ -98,7 +98,8 @@ def grammar(question: str, vocab: Vocabulary) -> str:
     over the host's backend (no repeat penalty), a prompt it found unfamiliar made it write
     `extract number` until max_tokens, which the grammar now rules out. A multiple-choice
     question (options "(A) ...") only admits programs whose answer can be a letter, and
-    `peek`/`chunk` take at least 100 characters (measured: "chunk 2; count; final" on one).
+    `peek`/`chunk` take at least 100 characters (measured: "chunk 2; count; final" on one), and
+    pieces (p) cannot be counted or picked, only read, searched or ranked.
     """
     strs = _spans(question) or ["?"]
     choice = bool(re.search(r"\s\(A\)\s", question))
@@ -106,7 +107,7 @@ def grammar(question: str, vocab: Vocabulary) -> str:
     # no `answer` on text: a long text must be cut down (grep, rank, chunk) before a model reads it
     # nor `extract` on the whole text: every number or word of a context past the window is no
     # answer, and a small root that is unsure opens with it (measured: "extract letter; first")
-    t = ['"grep " str "\\n" l', '"peek " size "\\n" t', '"chunk " size "\\n" l']
+    t = ['"grep " str "\\n" l', '"peek " size "\\n" t', '"chunk " size "\\n" p']
     r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"first\\n" s']
     ends = ['"first\\n" s', '"top\\n" s', '"vote\\n" s', '"answer\\n" s']
     if not choice:
@@ -126,6 +127,10 @@ def grammar(question: str, vocab: Vocabulary) -> str:
         "t ::= " + " | ".join(t + ['"show"']),
         "l ::= " + " | ".join(lst + ['"show"']),
         "s ::= \"final\" | \"show\"",
+        # pieces (p) are read, searched or ranked; counting or picking them says nothing about the
+        # text (measured: "chunk 12345; count; final" for a needle)
+        "p ::= " + " | ".join(['"grep " str "\\n" l', '"ask\\n" l', '"extract " ext "\\n" x', '"answer\\n" s']
+                              + (['"rank " str " " num "\\n" l'] if rank else []) + ['"show"']),
         "x ::= " + " | ".join(['"sort\\n" y'] + ends + ['"show"']),
         "y ::= " + " | ".join(ends + ['"show"']),
         "str ::= \"\\\"\" (" + " | ".join(_lit(s) for s in strs) + ") \"\\\"\"",
