@@ -37,6 +37,9 @@ from benchmarks.contract import DATASETS, Result, parser, require_data, seed_eve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch (imported by seed_everything) brings its own libgomp.so.1, which llama.cpp then shares:
+# its OpenMP workers must wait passively before either loads (see LlamaCppClient)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("COLUMNS", "150")  # rich's tables are cut to 80 columns when stdout is not a terminal
 
 WINDOW = 1024          # tokens: n_ctx of every row (SmolLM2 was trained to 8k; 1k keeps 2 cores busy, not stuck)
