@@ -318,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hypervisor.scheduler.cli import register as register_scheduler
 
     register_scheduler(add)
+    from hypervisor.rlm.cli import register as register_ask
+
+    register_ask(add)
     con = add("console", cmd_console, "attach to a guest's serial console")
     con.add_argument("name")
     from hypervisor import search_cli

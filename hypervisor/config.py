@@ -33,6 +33,8 @@ class Config:
     image_cache: Path = Path("/var/cache/neuraos/images")
     heartbeat_s: float = 2.0                 # agent heartbeat interval it is told
     agent_timeout_s: float = 180.0           # boot-to-agent wait in `up`
+    rlm_endpoint: str = ""                   # `neuraos ask`: an OpenAI-compatible URL; "": llama.cpp here
+    rlm_model: str = "default"               # the model name at rlm_endpoint
     guest: GuestDefaults = field(default_factory=GuestDefaults)
 
     @property

@@ -193,13 +193,22 @@ def test_root_never_receives_the_context() -> None:
 
 def test_budgets_stop_a_loop_that_does_not_finish(tmp_path: Path) -> None:
     ctx = haystack()
-    never = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nshow')
+    never = ScriptedFakeLLM(['peek 100\nshow', 'grep "blue"\nshow', 'grep "blue door"\nextract number\nshow'],
+                            default='peek 300\nshow')  # three different programs, none final
     a = RLM(never, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=3), trace_dir=tmp_path)).ask("code?", ctx)
     assert not a.finished and "turns (3)" in a.stop_reason and "best answer so far" in a.stop_reason
     assert a.text == "88121"  # the best answer so far is what the last program computed
     assert len(never.prompts) == 3 and a.trace_path and a.trace_path.exists()
     doc = json.loads(a.trace_path.read_text())
     assert len(doc["turns"]) == 3 and doc["turns"][0]["code"].startswith("_ = context")
+
+    # the same program run again to the same output is a fixpoint: its value is the answer
+    again = ScriptedFakeLLM([], default='grep "blue door"\nextract number\nfirst\nshow')
+    a = RLM(again, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=6))).ask("code?", ctx)
+    assert a.finished and a.text == "88121" and "converged" in a.stop_reason and len(again.prompts) == 2
+    looking = ScriptedFakeLLM([], default='peek 100\nshow')  # only looking at the text is no answer
+    a = RLM(looking, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=3))).ask("code?", ctx)
+    assert not a.finished and len(looking.prompts) == 3
 
     spin = ScriptedFakeLLM([], default="```repl\nanswer = 'partial'\nfor _ in range(1000):\n    llm_query('x')\n```")
     a = RLM(spin, config=RLMConfig(mode="python", sandbox=FAST, budget=Budget(max_sub_calls=4))).ask("q", ctx)
@@ -387,3 +396,46 @@ def test_context_sources(tmp_path: Path) -> None:
     assert resolve(str(root / "a.txt"))[0] == "alpha\n"
     with pytest.raises(ContextError):
         resolve("vfs:/nowhere", vfs_root=root)
+
+
+def test_link_client_waits_out_quota_and_fits_the_host_window() -> None:
+    class Refused(Exception):
+        def __init__(self, code: str, message: str) -> None:
+            super().__init__(f"{code}: {message}")
+            self.code, self.message = code, message
+
+    class Host:  # the host's rules: a 2048-token context (about 2 chars a token here) and a quota
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+            self.refusals = 2
+
+        def complete(self, prompt: str, **kw: object) -> dict:
+            self.prompts.append(prompt)
+            if self.refusals:
+                self.refusals -= 1
+                raise Refused("RESOURCE_EXHAUSTED", "guest g is over its model quota of 200 tokens/s; retry in 0.7s")
+            tokens = len(prompt) // 2
+            if tokens + int(kw["max_tokens"]) > 2048:  # type: ignore[call-overload]
+                raise Refused("INVALID_ARGUMENT", f"prompt of {tokens} tokens plus max_tokens {kw['max_tokens']} "
+                                                  "exceeds the context of 2048")
+            return {"text": "ok", "prompt_tokens": tokens, "completion_tokens": 1}
+
+    slept: list[float] = []
+    host = Host()
+    c = LinkClient(host, window=2048, sleep=slept.append)
+    long = "HEAD " + "x" * 50_000 + " QUESTION?"
+    out = c.complete(long, max_tokens=64)
+    assert out.text == "ok" and out.truncated
+    assert slept == [0.7, 0.7] and c.quota_waits == 2
+    sent = host.prompts[-1]
+    assert sent.startswith("HEAD ") and sent.endswith("QUESTION?") and len(sent) // 2 + 64 <= 2048
+    assert len(host.prompts) == 4  # two refusals, one too long for the host's tokenizer, one that fits
+
+    class Broken:
+        def complete(self, prompt: str, **kw: object) -> dict:
+            raise Refused("UNAVAILABLE", "no language model backend is loaded on this host")
+
+    from neuraos_agent.rlm.errors import ClientError
+
+    with pytest.raises(ClientError, match="UNAVAILABLE"):
+        LinkClient(Broken()).complete("p")

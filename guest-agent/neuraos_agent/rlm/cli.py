@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from neuraos_agent.rlm.budget import Budget
-from neuraos_agent.rlm.clients import LinkClient, LlamaCppClient, LLMClient, OpenAICompatClient
+from neuraos_agent.rlm.clients import (DEFAULT_LINK_WINDOW, LinkClient, LlamaCppClient, LLMClient,
+                                       OpenAICompatClient)
 from neuraos_agent.rlm.context import resolve
 from neuraos_agent.rlm.errors import RLMError
 from neuraos_agent.rlm.loop import RLM, RLMConfig
@@ -52,6 +53,7 @@ def add_ask_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-sub-calls", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=200_000)
     p.add_argument("--max-wall", type=float, default=300.0, metavar="S")
+    p.add_argument("--max-turns", type=int, default=6, help="root turns")
     p.add_argument("--trace-dir", type=Path, default=None, help=f"default: {default_trace_dir()}")
     p.set_defaults(func=cmd_ask)
     return p
@@ -63,7 +65,7 @@ def _client(args: argparse.Namespace) -> LLMClient:
         return LlamaCppClient(path, n_ctx=args.window or 2048)
     if args.endpoint:
         return OpenAICompatClient(args.endpoint, args.model, window=args.window or 8192)
-    return LinkClient(window=args.window or 8192)
+    return LinkClient(window=args.window or int(os.environ.get("NEURAOS_RLM_WINDOW", DEFAULT_LINK_WINDOW)))
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -71,7 +73,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         context, source = resolve(args.context)
         client = _client(args)
         mode = args.mode or ("python" if args.endpoint and not args.gguf else "ops")
-        config = RLMConfig(mode=mode, budget=Budget(args.max_depth, args.max_sub_calls, args.max_tokens, args.max_wall),
+        config = RLMConfig(mode=mode, budget=Budget(args.max_depth, args.max_sub_calls, args.max_tokens, args.max_wall,
+                                                         args.max_turns),
                            trace_dir=args.trace_dir or default_trace_dir())
         answer = RLM(client, config=config).ask(args.question, context, source=source)
     except RLMError as exc:

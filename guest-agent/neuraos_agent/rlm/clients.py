@@ -12,14 +12,18 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from neuraos_agent.rlm.errors import ClientError
+
+DEFAULT_LINK_WINDOW = 2048  # the host's llama.cpp n_ctx unless its config says otherwise
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ class LlamaCppClient:
 
     def __init__(self, model_path: Path | str | None = None, *, n_ctx: int = 1024, n_threads: int = 2,
                  seed: int = 0) -> None:
+        # ggml's OpenMP workers spin between ops unless told otherwise, and on a shared machine a
+        # descheduled spinner stalls its siblings (the host backend sets the same). Measured here
+        # (2 threads, load 9 on 2 cores, 4 prompts of 781 tokens): 96-141 s spinning, 25-30 s
+        # passive. OpenMP reads it once, when llama.cpp's library loads, so it is set before that.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             from llama_cpp import Llama, LlamaGrammar
         except ImportError as exc:
@@ -176,9 +185,19 @@ class LinkClient:
     `models` is anything with `complete(prompt, max_tokens=, grammar=, stop=, temperature=)` and
     `embed(texts)`: the guest module (its replies carry `.text` and `.usage`), or a test double
     replying with dicts. Left out, the guest module is imported.
+
+    The host refuses a prompt longer than its context and a guest over its token quota; an RLM
+    query makes many calls in a row, so this client cuts a long prompt's middle out (the head
+    and tail carry the instructions and the question, as `LlamaCppClient.fit` does) and waits
+    out a quota refusal for the time the host names instead of failing the query.
     """
 
-    def __init__(self, models: Any | None = None, *, window: int = 8192) -> None:
+    TEMPLATE_RESERVE = 48      # tokens the host's chat template adds around the prompt
+    CHARS_PER_TOKEN = 3.0      # a cautious estimate (no tokenizer in the guest): English runs about 4
+    QUOTA_WAIT_S = 120.0       # the longest a call waits out quota refusals in all
+
+    def __init__(self, models: Any | None = None, *, window: int = DEFAULT_LINK_WINDOW,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if models is None:
             try:
                 models = importlib.import_module("neuraos_agent.models")
@@ -187,18 +206,58 @@ class LinkClient:
                                   hint="use --endpoint URL, or update neuraos-agent") from exc
         self._models = models
         self.window = int(getattr(models, "window", window) or window)
+        self._sleep = sleep
+        self.quota_waits = 0
+        self.quota_wait_s = 0.0
+
+    def fit(self, prompt: str, max_tokens: int, chars_per_token: float | None = None) -> tuple[str, bool]:
+        budget = int((self.window - max_tokens - self.TEMPLATE_RESERVE) * (chars_per_token or self.CHARS_PER_TOKEN))
+        if len(prompt) <= budget:
+            return prompt, False
+        head = budget * 2 // 3
+        tail = max(0, budget - head - 5)
+        return prompt[:head] + "\n...\n" + (prompt[len(prompt) - tail:] if tail else ""), True
 
     def complete(self, prompt: str, *, max_tokens: int = 256, grammar: str | None = None,
                  stop: Sequence[str] | None = None, temperature: float = 0.0) -> Completion:
-        reply = self._models.complete(prompt, max_tokens=max_tokens, grammar=grammar, stop=list(stop or []),
-                                      temperature=temperature)
-        if isinstance(reply, dict):
-            text, usage = reply.get("text", "") or "", reply
-        else:
-            text = reply.text or ""  # the guest client streams; .text waits for the end
-            usage = vars(reply.usage) if getattr(reply, "usage", None) is not None else {}
-        return Completion(text, int(usage.get("prompt_tokens", 0) or estimate_tokens(prompt)),
-                          int(usage.get("completion_tokens", 0) or estimate_tokens(text)))
+        max_tokens = max(1, min(max_tokens, self.window // 2))
+        text_in, truncated = self.fit(prompt, max_tokens)
+        waited = 0.0
+        refits = 0
+        while True:
+            try:
+                reply = self._models.complete(text_in, max_tokens=max_tokens, grammar=grammar,
+                                              stop=list(stop or []), temperature=temperature)
+                if isinstance(reply, dict):
+                    text, usage = reply.get("text", "") or "", reply
+                else:
+                    text = reply.text or ""  # the guest client streams; .text waits for the end
+                    usage = vars(reply.usage) if getattr(reply, "usage", None) is not None else {}
+                break
+            except Exception as exc:  # noqa: BLE001  (the guest client's ModelsError, by its code)
+                code = getattr(exc, "code", "")
+                message = getattr(exc, "message", str(exc))
+                if code == "RESOURCE_EXHAUSTED" and waited < self.QUOTA_WAIT_S:
+                    m = re.search(r"retry in ([0-9.]+)\s*s", message)
+                    pause = min(max(float(m.group(1)) if m else 0.5, 0.2), self.QUOTA_WAIT_S - waited)
+                    self._sleep(pause)
+                    waited += pause
+                    self.quota_waits += 1
+                    self.quota_wait_s += pause
+                    continue
+                m = re.search(r"prompt of (\d+) tokens", message)
+                if code == "INVALID_ARGUMENT" and m and refits < 2:
+                    # our estimate was short for this text: cut again at the measured density
+                    refits += 1
+                    density = len(text_in) / max(1, int(m.group(1)))
+                    text_in, truncated = self.fit(prompt, max_tokens, density * 0.9)
+                    continue
+                if code:
+                    raise ClientError(f"the host's model service refused the call: {code}: {message}",
+                                      hint="see `neuraos models` on the host") from exc
+                raise
+        return Completion(text, int(usage.get("prompt_tokens", 0) or estimate_tokens(text_in)),
+                          int(usage.get("completion_tokens", 0) or estimate_tokens(text)), truncated)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         reply = self._models.embed(list(texts))

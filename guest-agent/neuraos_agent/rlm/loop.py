@@ -84,6 +84,15 @@ def _offered(tool: Tool | None, question: str) -> bool:
     return not labels or any(str(lab).lower() in question.lower() for lab in labels)
 
 
+_SCALAR_OPS = ("first", "count", "top", "vote", "compare", "answer")
+
+
+def _shows_an_answer(program: str) -> bool:
+    """An op program whose last step shows a single computed value (not the text itself)."""
+    lines = [ln.split() for ln in program.strip().splitlines() if ln.strip()]
+    return len(lines) >= 2 and lines[-1] == ["show"] and lines[-2][0] in _SCALAR_OPS
+
+
 @dataclass
 class _Query:
     """One (possibly recursive) query: its depth, trace, and the usage shared with its parent."""
@@ -139,6 +148,7 @@ class RLM:
                                tools=tuple(t for t in ("classify", "rank") if _offered(self.tools.get(t), question)))
         steps: list[prompts.Step] = []
         best, finished, stop = "", False, ""
+        seen: set[tuple[str, str]] = set()
         try:
             sandbox = Sandbox(context, config=cfg.sandbox, tools=tuple(self.tools))
             sandbox.start()
@@ -166,6 +176,16 @@ class RLM:
                 if q.exhausted:
                     stop = q.exhausted
                     break
+                # An op program that computed an answer, showed it, and is then run again to the
+                # same output is a fixpoint: another turn can learn nothing, so its value is the
+                # answer (SmolLM2 writes `answer; show` and repeats it until the turns run out).
+                ran = (turn.code.strip(), turn.output.strip())
+                if (ran in seen and _shows_an_answer(turn.model_text) and not turn.error and result is not None
+                        and result.candidate):
+                    best, finished = result.candidate.strip(), True
+                    stop = "converged: the root ran the same program again and got the same result"
+                    break
+                seen.add(ran)
                 steps.append(prompts.Step(turn.model_text if cfg.mode == "ops" else turn.code, turn.output))
             else:
                 stop = f"turns ({budget.max_turns})"

@@ -93,16 +93,27 @@ def grammar(question: str, vocab: Vocabulary) -> str:
 
     The pipeline's value is text (t), records (r), a list (l) or a single answer (s); each rule
     lists the operations that make sense on that type, so a program cannot end before it has
-    computed an answer (`final` only follows a scalar) or apply `top` to raw text.
+    computed an answer (`final` only follows a scalar) or apply `top` to raw text. Extracted
+    values (x) and sorted ones (y) cannot be extracted or sorted again: measured with SmolLM2
+    over the host's backend (no repeat penalty), a prompt it found unfamiliar made it write
+    `extract number` until max_tokens, which the grammar now rules out. A multiple-choice
+    question (options "(A) ...") only admits programs whose answer can be a letter, and
+    `peek`/`chunk` take at least 100 characters (measured: "chunk 2; count; final" on one), and
+    pieces (p) cannot be counted or picked, only read, searched or ranked.
     """
     strs = _spans(question) or ["?"]
+    choice = bool(re.search(r"\s\(A\)\s", question))
     fields, classify, rank = bool(vocab.fields), "classify" in vocab.tools, "rank" in vocab.tools
     # no `answer` on text: a long text must be cut down (grep, rank, chunk) before a model reads it
-    t = ['"grep " str "\\n" l', '"peek " num "\\n" t', '"chunk " num "\\n" l', '"extract " ext "\\n" l']
-    r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"count\\n" s', '"first\\n" s']
-    lst = ['"extract " ext "\\n" l', '"grep " str "\\n" l', '"ask\\n" l', '"sort\\n" l', '"first\\n" s',
-           '"count\\n" s', '"count " str "\\n" s', '"top\\n" s', '"vote\\n" s', '"compare " str " " str "\\n" s',
-           '"answer\\n" s']
+    # nor `extract` on the whole text: every number or word of a context past the window is no
+    # answer, and a small root that is unsure opens with it (measured: "extract letter; first")
+    t = ['"grep " str "\\n" l', '"peek " size "\\n" t', '"chunk " size "\\n" p']
+    r = ['"where " field " " str "\\n" r', '"column " field "\\n" l', '"first\\n" s']
+    ends = ['"first\\n" s', '"top\\n" s', '"vote\\n" s', '"answer\\n" s']
+    if not choice:
+        r.append('"count\\n" s')
+        ends += ['"count\\n" s', '"count " str "\\n" s', '"compare " str " " str "\\n" s']
+    lst = ['"extract " ext "\\n" x', '"grep " str "\\n" l', '"ask\\n" l', '"sort\\n" y'] + ends
     if fields:
         t.append('"where " field " " str "\\n" r')
     if classify:
@@ -116,9 +127,16 @@ def grammar(question: str, vocab: Vocabulary) -> str:
         "t ::= " + " | ".join(t + ['"show"']),
         "l ::= " + " | ".join(lst + ['"show"']),
         "s ::= \"final\" | \"show\"",
+        # pieces (p) are read, searched or ranked; counting or picking them says nothing about the
+        # text (measured: "chunk 12345; count; final" for a needle)
+        "p ::= " + " | ".join(['"grep " str "\\n" l', '"ask\\n" l', '"extract " ext "\\n" x', '"answer\\n" s']
+                              + (['"rank " str " " num "\\n" l'] if rank else []) + ['"show"']),
+        "x ::= " + " | ".join(['"sort\\n" y'] + ends + ['"show"']),
+        "y ::= " + " | ".join(ends + ['"show"']),
         "str ::= \"\\\"\" (" + " | ".join(_lit(s) for s in strs) + ") \"\\\"\"",
         "num ::= [1-9] [0-9]{0,4}",
-        "ext ::= " + " | ".join(_lit(e) for e in EXTRACTS),
+        "size ::= [1-9] [0-9]{2,4}",
+        "ext ::= " + " | ".join(_lit(e) for e in (("letter",) if choice else EXTRACTS)),
     ]
     if fields:
         rules.append("r ::= " + " | ".join(r + ['"show"']))

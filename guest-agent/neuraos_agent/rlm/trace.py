@@ -49,7 +49,8 @@ class Trace:
     budget: dict[str, Any]
     turns: list[Turn] = field(default_factory=list)
     answer: str = ""
-    finished: bool = False     # True when the root called FINAL; False when a budget or error ended it
+    finished: bool = False     # the root called FINAL (or re-ran a program to the same result); False when
+                               # a budget or error ended it
     stop_reason: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     confinement: dict[str, Any] = field(default_factory=dict)
