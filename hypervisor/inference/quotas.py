@@ -81,6 +81,12 @@ class GuestLimits:
                                     f"(limit {self.quota.max_inflight})")
             self.inflight += 1
 
+    def set_quota(self, quota: GuestQuota) -> None:
+        """A new quota from now on, with a full bucket; calls already running finish as they were."""
+        with self._lock:
+            self.quota = quota
+            self.bucket = TokenBucket(quota.tokens_per_s, quota.burst_tokens, self.bucket.clock)
+
     def leave(self) -> None:
         with self._lock:
             self.inflight -= 1

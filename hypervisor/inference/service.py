@@ -160,6 +160,10 @@ class ModelService:
                 limits = self._limits[guest] = GuestLimits(guest, quota, self.clock)
             return limits
 
+    def set_quota(self, guest: str, quota: GuestQuota) -> None:
+        """Change one guest's model quota live (the operator's lever); others are untouched."""
+        self.limits(guest).set_quota(quota)
+
     def counters(self, guest: str) -> GuestCounters:
         with self._lock:
             return self._counters.setdefault(guest, GuestCounters())

@@ -513,6 +513,15 @@ def test_embedding_tokens_cost_a_fraction_of_the_quota_of_llm_tokens(batcher, ma
     alpha.embed(["word " * 200] * 20)  # ~5,000 tokens of text
     spent = before - bucket()
     weight = ServiceConfig().embed_token_weight
+    host.service.set_quota("alpha", GuestQuota(tokens_per_s=1e-3, burst_tokens=0.01))
+    alpha.embed(["one call while the bucket holds a token"])
+    with pytest.raises(ModelsError) as over:
+        alpha.embed(["over quota now"])
+    assert over.value.code == "RESOURCE_EXHAUSTED" and "retry in" in str(over.value)
+    beta = host.client("beta")
+    assert beta.embed(["another guest is not affected"]).shape == (1, 384)
+    host.service.set_quota("alpha", GuestQuota())
+    assert alpha.embed(["back to the default quota"]).shape == (1, 384)
     # Charged (not free), at the embedding weight (not as LLM tokens); the bucket starts full, so
     # refills during the call cannot hide the charge.
     assert 0.5 * 5_000 * weight < spent < 5_100 * weight + 50

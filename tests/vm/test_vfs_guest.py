@@ -15,6 +15,7 @@ import time
 import pytest
 
 from hypervisor.control import ControlServer
+from hypervisor.inference.quotas import GuestQuota
 from hypervisor.search_cli import control_ops
 
 from .conftest import Host, wait_until
@@ -173,9 +174,13 @@ print(json.dumps(lat))
     assert lat[-1] < 120, lat
 
 
-def test_kill_9_while_indexing_1000_files_loses_nothing(vfs):
+def test_kill_9_while_indexing_1000_files_loses_nothing(vfs, host: Host, request):
     guest = vfs
     since = guest.check_output("date '+%Y-%m-%d %H:%M:%S'")
+    # The host holds this guest's embeddings back while it writes (the operator's quota lever),
+    # so the kill is sure to land mid-indexing however fast the host embeds.
+    host.models.service.set_quota(host.name, GuestQuota(tokens_per_s=1e-3, burst_tokens=0.01))
+    request.addfinalizer(lambda: host.models.service.set_quota(host.name, GuestQuota()))
     t0 = time.monotonic()
     out = _py(guest, f"""
 import hashlib, os, random, time
@@ -198,6 +203,7 @@ print("WROTE", time.monotonic() - t0)
     st = _status(guest, "bulk/")
     guest.run(f"kill -9 {pid}")
     killed_at = time.monotonic()
+    host.models.service.set_quota(host.name, GuestQuota())
     print(f"\n[vfs] wrote {BULK} files through the mount in {wrote_s:.1f} s; killed the agent (pid {pid}) "
           f"with {st['vector_files']} of them indexed, {st['pending_records']} journal records pending")
     assert st["vector_files"] < BULK, "indexing finished before the kill; nothing was interrupted"
@@ -222,7 +228,7 @@ print("WROTE", time.monotonic() - t0)
 def test_corrupt_index_is_noticed_and_rebuilt_from_the_files(vfs):
     guest = vfs
     manifest = f"{STATE}/index.db/collections/chunks/manifest.json"
-    before = _status(guest)
+    before = wait_until(lambda: _status(guest), 120, 2, what="the VFS status")
     guest.check_output("systemctl stop neuraos-agent")
     since = guest.check_output("date '+%Y-%m-%d %H:%M:%S'")
     size = int(guest.check_output(f"stat -c %s {manifest}"))
