@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +66,8 @@ class AgentStats:
     heartbeats: int = 0
     reports: int = 0
     commands: int = 0
+    alerts_sent: int = 0
+    alerts_dropped: int = 0  # the outbox was full (link away for long)
     guest: str = ""  # the name the host knows our channel by
     last_error: str = ""
 
@@ -78,6 +81,7 @@ class CommandRunner:
 
     def __init__(self, sysfs: Path = SYSFS) -> None:
         self.sysfs = sysfs
+        self.monitor = None  # the behaviour monitor (release / kill), once it runs
 
     def run(self, cmd: link_pb2.Command) -> link_pb2.CommandResult:
         kind = cmd.WhichOneof("kind")
@@ -87,8 +91,14 @@ class CommandRunner:
                 return link_pb2.CommandResult(id=cmd.id, ok=True, output=str(online))
             if kind == "ping":
                 return link_pb2.CommandResult(id=cmd.id, ok=True, output=cmd.ping.payload)
+            if kind in ("release", "kill"):
+                if self.monitor is None:
+                    return link_pb2.CommandResult(id=cmd.id, ok=False, error="the behaviour monitor is not running")
+                pid = getattr(cmd, kind).pid
+                out = self.monitor.release(pid) if kind == "release" else self.monitor.kill(pid)
+                return link_pb2.CommandResult(id=cmd.id, ok=True, output=out)
             return link_pb2.CommandResult(id=cmd.id, ok=False, error=f"unknown command {kind or 'empty'}")
-        except (CpuError, OSError) as exc:
+        except Exception as exc:  # CpuError, OSError, ContainError: the host gets the one line
             return link_pb2.CommandResult(id=cmd.id, ok=False, error=str(exc))
 
 
@@ -104,6 +114,28 @@ class AgentLink:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._session_end: threading.Event | None = None
+        self._alerts: deque[link_pb2.AlertReport] = deque()
+        self._alerts_lock = threading.Lock()
+
+    def send_alert(self, report: link_pb2.AlertReport, limit: int = 512) -> None:
+        """Queue an alert for the host; sent within ~0.1 s while linked, else when the link returns."""
+        with self._alerts_lock:
+            if len(self._alerts) >= limit:
+                self._alerts.popleft()
+                self.stats.alerts_dropped += 1
+            self._alerts.append(report)
+
+    def _flush_alerts(self, stub: link_pb2_grpc.LinkStub) -> None:
+        while True:
+            with self._alerts_lock:
+                if not self._alerts:
+                    return
+                report = self._alerts[0]
+            stub.Alert(report, timeout=self.config.rpc_timeout_s)  # on failure it stays queued
+            with self._alerts_lock:
+                if self._alerts and self._alerts[0] is report:
+                    self._alerts.popleft()
+            self.stats.alerts_sent += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -206,7 +238,8 @@ class AgentLink:
                     stub.Report(report, timeout=cfg.rpc_timeout_s)
                     self.stats.reports += 1
                 next_report = now + cfg.report_s
-            end.wait(max(0.0, min(next_beat, next_report) - time.monotonic()))
+            self._flush_alerts(stub)
+            end.wait(min(0.1, max(0.0, min(next_beat, next_report) - time.monotonic())))
 
     def _status_report(self) -> link_pb2.StatusReport | None:
         try:

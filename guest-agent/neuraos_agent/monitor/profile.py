@@ -9,8 +9,11 @@ rate — the per-profile calibration: a profile whose normal work the shared mod
 surprising (a compiler, say) gets a higher bar than a quiet daemon — and stores it as a
 new version. Older versions stay on disk for review and rollback.
 
-Layout: `<root>/<slug>/v000001.json`, ...; the highest version is current. Files are
-written whole to a temporary name and renamed, so a crash never leaves half a baseline.
+Layout: `<root>/<slug>/v000001.json`, ...; the highest version is current. While a
+profile learns, the running monitor keeps its progress in `<slug>/draft.json` (rewritten,
+not versioned); freezing it (`neuraos-agent profiles --freeze`) makes the next version.
+Files are written whole to a temporary name and renamed, so a crash never leaves half a
+baseline.
 """
 
 from __future__ import annotations
@@ -178,6 +181,33 @@ class ProfileStore:
         os.replace(tmp, path)
         return baseline.version
 
+    def save_draft(self, baseline: Baseline) -> None:
+        """Keep a learning baseline's progress without making a version of it."""
+        folder = self.root / baseline.key.slug
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "draft.tmp"
+        tmp.write_text(json.dumps(baseline.to_json()))
+        os.replace(tmp, folder / "draft.json")
+
+    def load_draft(self, key: ProfileKey) -> Baseline | None:
+        path = self.root / key.slug / "draft.json"
+        try:
+            return Baseline.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ProfileError(f"{path}: {e}") from e
+
+    def drop_draft(self, key: ProfileKey) -> None:
+        (self.root / key.slug / "draft.json").unlink(missing_ok=True)
+
+    def current(self, key: ProfileKey) -> Baseline | None:
+        """What the profile is now: its learning draft if newer than its last version, else that version."""
+        draft, saved = self.load_draft(key), self.load(key)
+        if draft is not None and (saved is None or draft.version >= saved.version):
+            return draft
+        return saved
+
     def load(self, key: ProfileKey, version: int | None = None) -> Baseline | None:
         """The current (or a given) version; None if the profile has never been saved."""
         versions = self.versions(key)
@@ -193,7 +223,7 @@ class ProfileStore:
     def keys(self) -> list[ProfileKey]:
         out = []
         for folder in sorted(p for p in self.root.glob("*") if p.is_dir()) if self.root.is_dir() else []:
-            files = sorted(folder.glob("v*.json"))
+            files = sorted(folder.glob("v*.json")) or sorted(folder.glob("draft.json"))
             if files:
                 out.append(ProfileKey(**json.loads(files[-1].read_text())["key"]))
         return out
@@ -202,7 +232,7 @@ class ProfileStore:
         """The reviewable view behind `neuraos-agent profiles`."""
         out = []
         for k in keys if keys is not None else self.keys():
-            b = self.load(k)
+            b = self.current(k)
             if b is not None:
                 out.append(b.summary() | {"versions": self.versions(k)})
         return out
