@@ -91,9 +91,25 @@ def test_learns_a_profile_then_flags_a_process_that_deviates(tmp_path: Path) -> 
     assert len(alerts) == 1
     a = alerts[0]
     assert a.pid == 102 and a.mode == "observe" and not a.contained and "novelty" in a.reason
-    assert a.novelty > 0.25 and len(a.window) == 32
+    assert a.novelty > 0.4 and len(a.window) == 32
     msg = alert_message(a)
     assert msg.pid == 102 and list(msg.window) == a.window
+
+
+def test_a_process_opening_files_in_folders_its_profile_never_used_is_flagged(tmp_path: Path) -> None:
+    alerts = []
+    m = Monitor(MonitorConfig(state_dir=tmp_path, model_path=MODEL), on_alert=alerts.append)
+    learn = _events(200, LOOP * 50)
+    learn[5:5] = [(0.0, Opened(200, "/etc/nx.conf")), (0.0, Opened(200, "/proc/200/stat"))]
+    m.process(learn)
+    key = next(iter(m._baselines))
+    m._baselines[key].freeze(0.01)
+    m.process(_events(201, LOOP * 2) + [(0.0, Opened(201, "/etc/nx.conf")), (0.0, Opened(201, "/proc/201/stat"))])
+    assert alerts == []  # the same folders (the pid is a digit run) and calls
+    m.process([(0.0, Opened(201, f"/usr/share/doc/p{i}/copyright")) for i in range(7)])
+    assert alerts == []  # 7 new folders: below the bar of 8
+    m.process([(0.0, Opened(201, "/var/lib/secret/key"))])
+    assert len(alerts) == 1 and "8 folders" in alerts[0].reason and alerts[0].files_total == 10
 
 
 def test_a_flood_of_short_processes_is_bounded(tmp_path: Path) -> None:

@@ -1,14 +1,21 @@
-"""The monitor's loop: events -> per-process windows -> scores -> learn, or judge and contain.
+"""The monitor's loop: events -> per-process windows -> learn, or judge and contain.
 
-Each process (by tgid; an exec starts a new scoring stream) feeds the syscall model
-(`scorer.StreamScorer`) in windows. What happens to a window depends on its profile's
-baseline (`profile.Baseline`, by user / service unit / executable):
+Each process (by tgid; an exec starts a new stream) is cut into windows of the model's
+length (32 calls). What happens to a window depends on its profile's baseline
+(`profile.Baseline`, by user / service unit / executable):
 - learning: the window is learned (the baseline's draft is saved every few seconds);
-- frozen: the window is judged. A process is anomalous when, after `min_windows`
-  windows, either its model process score is above the profile's calibrated threshold
-  plus `margin` nats, or its novelty (share of the window's syscall 3-grams the profile
-  never showed, smoothed over windows) is above `novelty_bar`. The model is the shared
-  prior; the n-grams are the per-profile adaptation learned on this guest's own activity.
+- frozen: the window is judged. A process is anomalous when it opens files in
+  `folder_bar` folders its profile never opened files in while learning (digit runs
+  count as one: /proc/N), or, after `min_windows` windows, its novelty (share of the
+  window's syscall 3-grams the profile never showed, smoothed over windows) is above
+  `novelty_bar`, or its model process score is above the profile's calibrated
+  threshold plus `margin` nats.
+Novelty is a few dict lookups per window and judges every window in real time. The
+syscall model (numpy LSTM) costs far more per window (about 1.5 s per window in a TCG
+guest, milliseconds on KVM), so it runs on a CPU budget (`model_cpu`, a share of one
+CPU): a sample of windows, each scored on its own from the model's start state, feeds
+the profiles' score reservoirs (their thresholds) and the model decision; and the
+window that crossed is scored for the alert's evidence after the process is contained.
 In `contain` mode an anomalous process is frozen and cut off at once, in this thread;
 either way one alert with the evidence goes to `on_alert` (the link) and to alerts.jsonl.
 
@@ -25,6 +32,8 @@ import resource
 import threading
 import time
 from collections import OrderedDict
+
+import numpy as np
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,7 +44,7 @@ from neuraos_agent.monitor.collector import (
 from neuraos_agent.monitor.contain import Containment, ContainError
 from neuraos_agent.monitor.identity import ProcessInfo, process_info
 from neuraos_agent.monitor.profile import Baseline, ProfileError, ProfileKey, ProfileStore
-from neuraos_agent.monitor.scorer import StreamScorer, SyscallModel, WindowScore
+from neuraos_agent.monitor.scorer import SyscallModel
 from neuraos_agent.monitor.syscalls import model_name
 
 log = logging.getLogger("neuraos.monitor")
@@ -53,10 +62,13 @@ class MonitorConfig:
     mode: str = "observe"  # the default when <state>/mode is absent
     min_windows: int = 4
     margin: float = 0.5  # nats above the profile's calibrated threshold
-    novelty_bar: float = 0.25
+    novelty_bar: float = 0.4
+    folder_bar: int = 8
     novelty_alpha: float = 0.3  # weight of the newest window in the smoothed novelty
     max_processes: int = 4096
     queue_events: int = 200_000
+    model_cpu: float = 0.02  # share of one CPU the syscall model may use
+    model_batch: int = 16  # windows scored together at most
     sync_s: float = 2.0
 
 
@@ -94,6 +106,8 @@ class MonitorStats:
     windows: int = 0
     learned_windows: int = 0
     judged_windows: int = 0
+    model_windows: int = 0  # windows the syscall model scored (within its CPU budget)
+    model_cpu_s: float = 0.0
     processes_seen: int = 0
     execs: int = 0
     exits: int = 0
@@ -115,11 +129,15 @@ class MonitorStats:
 class _Proc:
     info: ProcessInfo
     gen: int = 0
+    pending: list[str] = field(default_factory=list)
     windows: int = 0
     novelty: float = 0.0
+    score_num: float = 0.0  # EWMA of the model's window scores (those it scored)
+    score_den: float = 0.0
     files: list[str] = field(default_factory=list)
     files_total: int = 0
     seen_files: set[str] = field(default_factory=set)
+    new_folders: set[str] = field(default_factory=set)  # folders its frozen profile never opened in
     dests: list[str] = field(default_factory=list)
     bytes_out: int = 0
     alerted: bool = False
@@ -137,7 +155,10 @@ class Monitor:
         self.containment = containment or Containment()
         self.model = model or SyscallModel.load(config.model_path)
         self.model_id = f"{config.model_path.name}:{self.model.meta.get('fit_digest', '')}"
-        self.scorer = StreamScorer(self.model, max_processes=config.max_processes)
+        self.window = self.model.window
+        self._decay = 0.5 ** (1.0 / self.model.half_life)
+        self._budget = 0.0  # seconds of model time available now
+        self._budget_at = time.monotonic()
         self.store = ProfileStore(config.state_dir / "profiles")
         self.stats = MonitorStats(mode=config.mode)
         self.boot_id = boot_id or str(int(time.time()))
@@ -178,6 +199,8 @@ class Monitor:
                 p.alerted = False  # judged afresh from here
                 p.windows = 0
                 p.novelty = 0.0
+                p.score_num = p.score_den = 0.0
+                p.new_folders.clear()
             return out
 
     def kill(self, pid: int) -> str:
@@ -202,18 +225,20 @@ class Monitor:
                 self._sync()
                 next_sync = time.monotonic() + self.config.sync_s
 
-    def process(self, batch: list[tuple[float, Event]]) -> list[WindowScore]:
-        """Apply a batch of (arrival, event); score what completed. Public for tests."""
+    def process(self, batch: list[tuple[float, Event]]) -> int:
+        """Apply a batch of (arrival, event); judge or learn every window completed. Returns
+        how many windows completed. Public for tests."""
         self.stats.events += len(batch)
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        calls: dict[tuple[int, int], list[str]] = {}
-        arrival: dict[tuple[int, int], float] = {}
+        ready: list[tuple[_Proc, list[str], float]] = []
+        W = self.window
         for at, ev in batch:
             if isinstance(ev, Syscall):
                 p = self._proc(ev.tgid, ev.uid, ev.comm)
-                k = (ev.tgid, p.gen)
-                calls.setdefault(k, []).append(model_name(ev.nr))
-                arrival[k] = at
+                p.pending.append(model_name(ev.nr))
+                if len(p.pending) >= W:
+                    ready.append((p, p.pending[:W], at))
+                    del p.pending[:W]
                 self.stats.syscalls += 1
             elif isinstance(ev, Opened):
                 p = self._procs.get(ev.tgid)
@@ -223,6 +248,7 @@ class Monitor:
                         p.seen_files.add(ev.path)
                     if len(p.files) < MAX_FILES:
                         p.files.append(ev.path)
+                    self._opened(p, ev.path, at)
             elif isinstance(ev, Connected):
                 p = self._procs.get(ev.tgid)
                 if p is not None and ev.dest not in p.dests and len(p.dests) < MAX_FILES:
@@ -235,22 +261,52 @@ class Monitor:
                 self.stats.execs += 1
                 old = self._procs.pop(ev.tgid, None)
                 if old is not None:
-                    self._finish(ev.tgid, old)
-                    info = process_info(ev.tgid, old.info.uid, old.info.comm, exe=ev.path)
+                    self._finish(old)
+                    info = process_info(ev.tgid, old.info.uid, os.path.basename(ev.path)[:15],
+                                        exe=os.path.realpath(ev.path))
                     self._procs[ev.tgid] = _Proc(info, gen=old.gen + 1)
             elif isinstance(ev, Exited):
                 self.stats.exits += 1
                 old = self._procs.pop(ev.tgid, None)
                 if old is not None:
-                    self._finish(ev.tgid, old)
-        windows = self.scorer.feed_many(calls)
-        for w in windows:
-            tgid, gen = w.process  # type: ignore[misc]
-            p = self._procs.get(tgid)
-            if p is not None and p.gen == gen:
-                self._judge(p, w, arrival.get(w.process, time.monotonic()))
-        self.stats.windows += len(windows)
-        return windows
+                    self._finish(old)
+        for p, calls, at in ready:
+            self._judge(p, calls, at)
+        self.stats.windows += len(ready)
+        self._model_sample(ready)
+        return len(ready)
+
+    def _model_sample(self, ready: list[tuple[_Proc, list[str], float]]) -> None:
+        """Score some of this batch's windows with the model, as far as its CPU budget goes."""
+        now = time.monotonic()
+        self._budget = min(2.0, self._budget + (now - self._budget_at) * self.config.model_cpu)
+        self._budget_at = now
+        if self._budget <= 0 or not ready:
+            return
+        step = max(1, len(ready) // self.config.model_batch)
+        chosen = ready[::step][:self.config.model_batch]
+        scores = self._score([c for _, c, _ in chosen])
+        for (p, calls, at), score in zip(chosen, scores):
+            p.score_num = self._decay * p.score_num + len(calls) * score
+            p.score_den = self._decay * p.score_den + len(calls)
+            ps = p.score_num / p.score_den
+            b = self._baseline(p.info.key)
+            if b.learning:
+                b.note_score(ps)
+            elif (not p.alerted and p.windows >= self.config.min_windows and b.threshold is not None
+                  and ps > b.threshold.value + self.config.margin):
+                self._act(p, calls, b, at, f"model score {ps:.2f} > {b.threshold.value + self.config.margin:.2f}")
+
+    def _score(self, windows: list[list[str]]) -> list[float]:
+        """Mean surprise of each window, read from the model's start state; charged to the budget."""
+        t0 = time.monotonic()
+        tokens = np.stack([self.model.encode(w) for w in windows])
+        s, _, _ = self.model.run(tokens, *self.model.start_state(len(windows)))
+        took = time.monotonic() - t0
+        self._budget -= took
+        self.stats.model_cpu_s += took
+        self.stats.model_windows += len(windows)
+        return [float(x) for x in s.mean(axis=1)]
 
     def _proc(self, tgid: int, uid: int, comm: str) -> _Proc:
         p = self._procs.get(tgid)
@@ -264,13 +320,12 @@ class Monitor:
         p = self._procs[tgid] = _Proc(process_info(tgid, uid, comm))
         return p
 
-    def _finish(self, tgid: int, p: _Proc) -> None:
+    def _finish(self, p: _Proc) -> None:
         """A process ended or exec'd: learn its last partial window (if its profile learns)."""
-        w = self.scorer.close((tgid, p.gen))
-        if w is not None and len(w.syscalls) >= 8:
+        if len(p.pending) >= 8:
             b = self._baseline(p.info.key)
             if b.learning:
-                b.observe(w)
+                b.observe_calls(p.pending)
                 self._dirty.add(b.key)
 
     def _baseline(self, key: ProfileKey) -> Baseline:
@@ -286,29 +341,32 @@ class Monitor:
             self._baselines[key] = b
         return b
 
-    def _judge(self, p: _Proc, w: WindowScore, arrived: float) -> None:
+    def _opened(self, p: _Proc, path: str, at: float) -> None:
+        b = self._baseline(p.info.key)
+        if b.learning:
+            b.observe_open(path)
+            self._dirty.add(b.key)
+        elif not b.knows_folder(path) and len(p.new_folders) < MAX_FILES:
+            p.new_folders.add(os.path.dirname(path))
+            if not p.alerted and len(p.new_folders) >= self.config.folder_bar:
+                self._act(p, p.pending[-self.window:], b, at,
+                          f"opened files in {len(p.new_folders)} folders its profile never used")
+
+    def _judge(self, p: _Proc, calls: list[str], arrived: float) -> None:
         p.windows += 1
         b = self._baseline(p.info.key)
         if b.learning:
-            b.observe(w)
+            b.observe_calls(calls)
             self._dirty.add(b.key)
             self.stats.learned_windows += 1
             return
         self.stats.judged_windows += 1
         a = self.config.novelty_alpha
-        p.novelty = (1 - a) * p.novelty + a * b.novelty(w.syscalls)
-        if p.alerted or p.windows < self.config.min_windows or b.threshold is None:
-            return
-        bar = b.threshold.value + self.config.margin
-        reasons = []
-        if w.process_score > bar:
-            reasons.append(f"model score {w.process_score:.2f} > {bar:.2f}")
-        if p.novelty > self.config.novelty_bar:
-            reasons.append(f"novelty {p.novelty:.2f} > {self.config.novelty_bar:.2f}")
-        if reasons:
-            self._act(p, w, b, bar, arrived, "; ".join(reasons))
+        p.novelty = (1 - a) * p.novelty + a * b.novelty(calls)
+        if not p.alerted and p.windows >= self.config.min_windows and p.novelty > self.config.novelty_bar:
+            self._act(p, calls, b, arrived, f"novelty {p.novelty:.2f} > {self.config.novelty_bar:.2f}")
 
-    def _act(self, p: _Proc, w: WindowScore, b: Baseline, bar: float, arrived: float, reason: str) -> None:
+    def _act(self, p: _Proc, calls: list[str], b: Baseline, arrived: float, reason: str) -> None:
         p.alerted = True
         mode = self.stats.mode
         freeze_ms = cut_ms = -1.0
@@ -330,12 +388,19 @@ class Monitor:
                 self.stats.last_freeze_ms = freeze_ms
             else:
                 self.stats.contain_errors += 1
+        # evidence, after the process is held: the model's view of the window that crossed
+        score = -1.0
+        if p.score_den > 0:
+            score = p.score_num / p.score_den
+        elif self._budget > 0:
+            score = self._score([calls])[0]
+        bar = b.threshold.value + self.config.margin if b.threshold is not None else -1.0
         self._alert_seq += 1
         alert = Alert(
             id=f"{self.boot_id[:8]}-{self._alert_seq}", at_unix=time.time(), pid=p.info.tgid, uid=p.info.uid,
             comm=p.info.comm, profile=p.info.key.name, mode=mode, contained=contained,
-            score=w.process_score, threshold=bar, novelty=p.novelty, novelty_bar=self.config.novelty_bar,
-            window=[str(c) for c in w.syscalls], files=list(p.files), files_total=p.files_total,
+            score=score, threshold=bar, novelty=p.novelty, novelty_bar=self.config.novelty_bar,
+            window=list(calls), files=list(p.files), files_total=p.files_total,
             destinations=list(p.dests), bytes_out=p.bytes_out, freeze_ms=freeze_ms, egress_cut_ms=cut_ms,
             reason=reason, error=error)
         self.stats.alerts += 1
@@ -382,7 +447,6 @@ class Monitor:
         st.cpu_s = ru.ru_utime + ru.ru_stime
         st.bpftrace_cpu_s = _cpu_of(self.collector.child_pid)
         st.queue_len = len(self.collector.queue)
-        st.evicted = max(st.evicted, self.scorer.stats.evicted)
         st.collector = asdict(self.collector.stats)
         doc = asdict(st) | {"at_unix": time.time(), "attached": self.collector.attached.is_set(),
                             "contained_pids": sorted(self.containment.held)}
