@@ -224,7 +224,9 @@ def _exfil(host, guest, store: AlertStore) -> dict:
     pid = a.pid
     main = int(guest.run("systemctl show -p MainPID --value nx-sync").stdout.strip() or 0)
     print(f"[zt] alert {took:.1f}s after start: pid {pid} (unit main pid {main}) {d['reason']}; "
-          f"freeze {d['freeze_ms']:.1f} ms, egress cut {d['egress_cut_ms']:.1f} ms; files {d['files_total']}, "
+          f"first anomalous window judged -> frozen {d['freeze_ms']:.1f} ms, -> egress cut "
+          f"{d['egress_cut_ms']:.1f} ms (its events waited {d['detect_ms']:.0f} ms in the agent before "
+          f"being judged); files {d['files_total']}, "
           f"bytes out (monitor) {d['bytes_out']}, destinations {d['destinations']}, error {d.get('error')!r}")
     assert pid == main, f"the alert is for pid {pid}, the exfiltration is pid {main}"
     assert a.contained and d["mode"] == "contain", d

@@ -13,6 +13,8 @@ frozen task still dies of it) and cleans up the same way.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import ipaddress
 import os
 import signal
@@ -187,6 +189,37 @@ class Containment:
             pass  # still holds a zombie or a child: left for the next cleanup
 
     def _nft(self, script: str) -> None:
-        p = subprocess.run([self.nft, "-f", "-"], input=script, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise ContainError(f"nft: {p.stderr.strip()[:300]}")
+        lib = _libnftables()
+        if lib is None:  # no library: the binary
+            p = subprocess.run([self.nft, "-f", "-"], input=script, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise ContainError(f"nft: {p.stderr.strip()[:300]}")
+            return
+        ctx = lib.nft_ctx_new(0)
+        try:
+            lib.nft_ctx_buffer_error(ctx)
+            if lib.nft_run_cmd_from_buffer(ctx, script.encode()) != 0:
+                raise ContainError(f"nft: {(lib.nft_ctx_get_error_buffer(ctx) or b'').decode().strip()[:300]}")
+        finally:
+            lib.nft_ctx_free(ctx)
+
+
+_LIB: list[ctypes.CDLL | None] = []
+
+
+def _libnftables() -> ctypes.CDLL | None:
+    if not _LIB:
+        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        try:
+            lib = ctypes.CDLL(name)
+            lib.nft_ctx_new.restype = ctypes.c_void_p
+            lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+            lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+            lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+            lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+            _LIB.append(lib)
+        except OSError:
+            _LIB.append(None)
+    return _LIB[0]
