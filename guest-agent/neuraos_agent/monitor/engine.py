@@ -52,6 +52,7 @@ log = logging.getLogger("neuraos.monitor")
 STATE_DIR = Path("/var/lib/neuraos/monitor")
 MODEL_PATH = Path(__file__).with_name("syscall_model.npz")
 MODES = ("observe", "contain")
+PROTECTED = frozenset({1})  # init: freezing it freezes the guest's service management (and shutdown)
 MAX_FILES = 64  # files / destinations kept per process as evidence (all are counted)
 
 
@@ -375,7 +376,9 @@ class Monitor:
         error = ""
         contained = False
         decided = time.monotonic()
-        if mode == "contain":
+        if mode == "contain" and p.info.tgid in PROTECTED:
+            error = f"pid {p.info.tgid} (init) is never frozen: alert only"
+        elif mode == "contain":
             try:
                 c = self.containment.contain(p.info.tgid)
                 if c.frozen_at is not None:
