@@ -127,9 +127,16 @@ def cmd_up(args: argparse.Namespace, cfg: Config) -> int:
             snapshot_path=snapshot_path(cfg), kv_nvme_dir=cfg.state_dir / "kv")))
         for why in models.unavailable:
             say(f"model service: [yellow]{why}[/]")
+        from hypervisor.security.actions import ActionPump
+        from hypervisor.security.alerts import AlertStore
+        from hypervisor.security.cli import store_path as security_db
+
+        alerts = AlertStore(security_db(cfg))
+        stack.callback(alerts.close)
         link = stack.enter_context(LinkServer(transport, heartbeat_interval_s=cfg.heartbeat_s,
-                                              services=models.service.handlers))
+                                              services=models.service.handlers, on_alert=alerts.record))
         stack.enter_context(ControlServer(control_path(cfg), search_cli.control_ops(link)))
+        stack.enter_context(ActionPump(link, alerts))
         cids = None
         if isinstance(transport, VsockRelayTransport):
             cids = CidTable(transport)
@@ -326,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hypervisor import search_cli
 
     search_cli.register(add)
+    from hypervisor.security.cli import register as register_security
+
+    register_security(add)
     return p
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -66,6 +67,8 @@ class AgentStats:
     heartbeats: int = 0
     reports: int = 0
     commands: int = 0
+    alerts_sent: int = 0
+    alerts_dropped: int = 0  # the outbox was full (link away for long)
     guest: str = ""  # the name the host knows our channel by
     last_error: str = ""
 
@@ -85,6 +88,7 @@ class CommandRunner:
                  handlers: Mapping[str, Callable[[link_pb2.Command], str]] | None = None) -> None:
         self.sysfs = sysfs
         self.handlers = dict(handlers or {})
+        self.monitor = None  # the behaviour monitor (release / kill), once it runs
 
     def run(self, cmd: link_pb2.Command) -> link_pb2.CommandResult:
         kind = cmd.WhichOneof("kind")
@@ -100,8 +104,14 @@ class CommandRunner:
                 except Exception as exc:  # noqa: BLE001 - the host gets one line, the agent goes on
                     log.warning("command %s failed: %s", kind, exc)
                     return link_pb2.CommandResult(id=cmd.id, ok=False, error=str(exc) or type(exc).__name__)
+            if kind in ("release", "kill"):
+                if self.monitor is None:
+                    return link_pb2.CommandResult(id=cmd.id, ok=False, error="the behaviour monitor is not running")
+                pid = getattr(cmd, kind).pid
+                out = self.monitor.release(pid) if kind == "release" else self.monitor.kill(pid)
+                return link_pb2.CommandResult(id=cmd.id, ok=True, output=out)
             return link_pb2.CommandResult(id=cmd.id, ok=False, error=f"unknown command {kind or 'empty'}")
-        except (CpuError, OSError) as exc:
+        except Exception as exc:  # CpuError, OSError, ContainError: the host gets the one line
             return link_pb2.CommandResult(id=cmd.id, ok=False, error=str(exc))
 
 
@@ -117,6 +127,28 @@ class AgentLink:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._session_end: threading.Event | None = None
+        self._alerts: deque[link_pb2.AlertReport] = deque()
+        self._alerts_lock = threading.Lock()
+
+    def send_alert(self, report: link_pb2.AlertReport, limit: int = 512) -> None:
+        """Queue an alert for the host; sent within ~0.1 s while linked, else when the link returns."""
+        with self._alerts_lock:
+            if len(self._alerts) >= limit:
+                self._alerts.popleft()
+                self.stats.alerts_dropped += 1
+            self._alerts.append(report)
+
+    def _flush_alerts(self, stub: link_pb2_grpc.LinkStub) -> None:
+        while True:
+            with self._alerts_lock:
+                if not self._alerts:
+                    return
+                report = self._alerts[0]
+            stub.Alert(report, timeout=self.config.rpc_timeout_s)  # on failure it stays queued
+            with self._alerts_lock:
+                if self._alerts and self._alerts[0] is report:
+                    self._alerts.popleft()
+            self.stats.alerts_sent += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -219,7 +251,8 @@ class AgentLink:
                     stub.Report(report, timeout=cfg.rpc_timeout_s)
                     self.stats.reports += 1
                 next_report = now + cfg.report_s
-            end.wait(max(0.0, min(next_beat, next_report) - time.monotonic()))
+            self._flush_alerts(stub)
+            end.wait(min(0.1, max(0.0, min(next_beat, next_report) - time.monotonic())))
 
     def _status_report(self) -> link_pb2.StatusReport | None:
         try:

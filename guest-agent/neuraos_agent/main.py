@@ -42,6 +42,9 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print this guest's status as the host would see it")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    from neuraos_agent.monitor.cli import add_monitor_parsers
+
+    add_monitor_parsers(sub)  # profiles, monitor
     if tools:
         from neuraos_agent.rlm.cli import add_ask_parser
         from neuraos_agent.vfs.cli import add_search_parser, cmd_search
@@ -72,6 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         report_s=args.report,
         claimed_guest=args.guest,
     ), runner)
+    from neuraos_agent.monitor.service import start_in_background
+
+    start_in_background(agent)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     logging.getLogger("neuraos.agent").info("neuraos-agent %s linking to %s", __version__, agent.config.address)

@@ -121,6 +121,7 @@ class LinkEvent:
 
 
 EventHook = Callable[[LinkEvent], None]
+AlertHook = Callable[[str, link_pb2.AlertReport], None]  # guest name (from the channel), the report
 ServiceFactory = Callable[[str], Sequence[grpc.GenericRpcHandler]]  # guest name -> its handlers
 
 
@@ -202,8 +203,10 @@ class LinkServer:
         max_concurrent_rpcs: int = 8,
         stop_grace_s: float = 0.5,
         services: ServiceFactory | None = None,
+        on_alert: AlertHook | None = None,
     ) -> None:
         self.transport = transport
+        self.on_alert = on_alert  # behavioural zero trust: where the guests' alerts go
         self.services = services
         self.heartbeat_interval_s = heartbeat_interval_s
         self.on_event = on_event
@@ -558,6 +561,22 @@ class _LinkServicer:
         return link_pb2.ResultAck(accepted=True)
 
 
+def _alert(servicer: _LinkServicer, request: link_pb2.AlertReport,
+           context: grpc.ServicerContext) -> link_pb2.AlertAck:
+    """A guest's monitor contained (or flagged) a process: hand it to the hook, named by the channel."""
+    guest = servicer._guest(context)
+    hook = servicer.link.on_alert
+    if hook is None:
+        log.warning("link: alert from guest %s for pid %d dropped: no alert store", guest.name, request.pid)
+        return link_pb2.AlertAck(accepted=False)
+    try:
+        hook(guest.name, request)
+    except Exception:
+        log.exception("link: storing an alert from guest %s failed", guest.name)
+        return link_pb2.AlertAck(accepted=False)
+    return link_pb2.AlertAck(accepted=True)
+
+
 def _handlers(servicer: _LinkServicer, malformed: Callable[[str, int], None]) -> grpc.GenericRpcHandler:
     """The Link service's handlers, with decoders that count undecodable requests as refusals."""
 
@@ -584,6 +603,9 @@ def _handlers(servicer: _LinkServicer, malformed: Callable[[str, int], None]) ->
             servicer.Commands, request_deserializer=decoder("Commands", link_pb2.Hello),
             response_serializer=link_pb2.Command.SerializeToString),
         "Complete": unary("Complete", link_pb2.CommandResult, link_pb2.ResultAck),
+        "Alert": grpc.unary_unary_rpc_method_handler(
+            lambda req, ctx: _alert(servicer, req, ctx), request_deserializer=decoder("Alert", link_pb2.AlertReport),
+            response_serializer=link_pb2.AlertAck.SerializeToString),
     })
 
 

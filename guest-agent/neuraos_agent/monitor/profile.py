@@ -9,8 +9,11 @@ rate — the per-profile calibration: a profile whose normal work the shared mod
 surprising (a compiler, say) gets a higher bar than a quiet daemon — and stores it as a
 new version. Older versions stay on disk for review and rollback.
 
-Layout: `<root>/<slug>/v000001.json`, ...; the highest version is current. Files are
-written whole to a temporary name and renamed, so a crash never leaves half a baseline.
+Layout: `<root>/<slug>/v000001.json`, ...; the highest version is current. While a
+profile learns, the running monitor keeps its progress in `<slug>/draft.json` (rewritten,
+not versioned); freezing it (`neuraos-agent profiles --freeze`) makes the next version.
+Files are written whole to a temporary name and renamed, so a crash never leaves half a
+baseline.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ SCHEMA = 1
 NGRAM = 3
 MAX_SCORES = 4096  # reservoir of process scores kept for calibration
 MAX_NGRAMS = 20000  # past this, n-grams seen once are pruned (counted in `pruned_ngrams`)
+MAX_DIRS = 20000  # folders kept per profile (past this, new ones are not learned)
+_DIGITS = re.compile(r"\d+")
+
+
+def folder_of(path: str) -> str | None:
+    """The folder a path opens in, with digit runs as N (/proc/123/stat -> /proc/N); None if relative."""
+    if not path.startswith("/"):
+        return None
+    return _DIGITS.sub("N", os.path.dirname(path)) or "/"
 
 
 class ProfileError(Exception):
@@ -71,23 +83,24 @@ class Baseline:
     calls: Counter[str] = field(default_factory=Counter)
     ngrams: Counter[str] = field(default_factory=Counter)  # "a b c" -> count
     pruned_ngrams: int = 0
+    dirs: Counter[str] = field(default_factory=Counter)  # folders the profile opened files in
     threshold: Threshold | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 
     def observe(self, window: WindowScore) -> None:
         """Learn from one window of normal activity (learning mode only)."""
+        self.observe_calls(window.syscalls, window.process_score)
+
+    def observe_calls(self, syscalls: Sequence[Syscall], process_score: float | None = None) -> None:
+        """Learn one window's calls, and the model's process score when it was scored."""
         if not self.learning:
             raise ProfileError(f"{self.key.name}: baseline v{self.version} is frozen; call learn() first")
         self.windows += 1
-        self.syscalls += len(window.syscalls)
-        if len(self.scores) < MAX_SCORES:
-            self.scores.append(window.process_score)
-        else:  # reservoir sampling, seeded by the count: the same stream keeps the same sample
-            j = int(np.random.default_rng(self.windows).integers(self.windows))
-            if j < MAX_SCORES:
-                self.scores[j] = window.process_score
-        names = [str(c) for c in window.syscalls]
+        self.syscalls += len(syscalls)
+        if process_score is not None:
+            self.note_score(process_score)
+        names = [str(c) for c in syscalls]
         self.calls.update(names)
         self.ngrams.update(" ".join(names[i:i + NGRAM]) for i in range(len(names) - NGRAM + 1))
         if len(self.ngrams) > MAX_NGRAMS:
@@ -97,9 +110,19 @@ class Baseline:
             self.pruned_ngrams += len(once)
         self.updated = time.time()
 
-    def freeze(self, target_fpr: float = 0.01) -> Threshold:
-        """Stop learning and fix this profile's threshold from its own normal process scores."""
-        self.threshold = calibrate(self.scores, target_fpr)
+    def note_score(self, process_score: float) -> None:
+        """Keep a process score of this profile's normal activity (a bounded reservoir)."""
+        if len(self.scores) < MAX_SCORES:
+            self.scores.append(process_score)
+        else:  # reservoir sampling, seeded by the count: the same stream keeps the same sample
+            j = int(np.random.default_rng(self.windows).integers(self.windows))
+            if j < MAX_SCORES:
+                self.scores[j] = process_score
+
+    def freeze(self, target_fpr: float = 0.01) -> Threshold | None:
+        """Stop learning and fix this profile's threshold from its own normal process scores
+        (None when the model scored none of its windows: then only novelty judges it)."""
+        self.threshold = calibrate(self.scores, target_fpr) if self.scores else None
         self.learning = False
         self.updated = time.time()
         return self.threshold
@@ -112,6 +135,16 @@ class Baseline:
         """Judge a `WindowScore.process_score`; only a frozen baseline judges, while
         learning nothing is anomalous."""
         return self.threshold is not None and not self.learning and self.threshold.exceeded(process_score)
+
+    def observe_open(self, path: str) -> None:
+        folder = folder_of(path)
+        if folder is not None and (folder in self.dirs or len(self.dirs) < MAX_DIRS):
+            self.dirs[folder] += 1
+
+    def knows_folder(self, path: str) -> bool:
+        """Whether the profile opened files in this path's folder while learning (relative paths: yes)."""
+        folder = folder_of(path)
+        return folder is None or folder in self.dirs
 
     def novelty(self, syscalls: Sequence[Syscall]) -> float:
         """Share of the window's n-grams this profile never showed (evidence for an alert)."""
@@ -128,7 +161,7 @@ class Baseline:
             "score_p50_p90_p99": q,
             "threshold": None if self.threshold is None else round(self.threshold.value, 4),
             "target_fpr": None if self.threshold is None else self.threshold.target_fpr,
-            "distinct_syscalls": len(self.calls), "distinct_ngrams": len(self.ngrams),
+            "distinct_syscalls": len(self.calls), "distinct_ngrams": len(self.ngrams), "folders": len(self.dirs),
             "top_syscalls": [c for c, _ in self.calls.most_common(top)],
             "top_ngrams": [g for g, _ in self.ngrams.most_common(top)],
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.updated)),
@@ -140,6 +173,7 @@ class Baseline:
             "model": self.model, "version": self.version, "learning": self.learning,
             "windows": self.windows, "syscalls": self.syscalls, "scores": self.scores,
             "calls": dict(self.calls), "ngrams": dict(self.ngrams), "pruned_ngrams": self.pruned_ngrams,
+            "dirs": dict(self.dirs),
             "threshold": None if self.threshold is None else {
                 "target_fpr": self.threshold.target_fpr, "value": self.threshold.value, "n": self.threshold.n},
             "created": self.created, "updated": self.updated,
@@ -153,6 +187,7 @@ class Baseline:
         return cls(key=ProfileKey(**d["key"]), model=d["model"], version=d["version"], learning=d["learning"],
                    windows=d["windows"], syscalls=d["syscalls"], scores=list(d["scores"]),
                    calls=Counter(d["calls"]), ngrams=Counter(d["ngrams"]), pruned_ngrams=d["pruned_ngrams"],
+                   dirs=Counter(d.get("dirs", {})),
                    threshold=None if t is None else Threshold(t["target_fpr"], t["value"], t["n"]),
                    created=d["created"], updated=d["updated"])
 
@@ -178,6 +213,33 @@ class ProfileStore:
         os.replace(tmp, path)
         return baseline.version
 
+    def save_draft(self, baseline: Baseline) -> None:
+        """Keep a learning baseline's progress without making a version of it."""
+        folder = self.root / baseline.key.slug
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "draft.tmp"
+        tmp.write_text(json.dumps(baseline.to_json()))
+        os.replace(tmp, folder / "draft.json")
+
+    def load_draft(self, key: ProfileKey) -> Baseline | None:
+        path = self.root / key.slug / "draft.json"
+        try:
+            return Baseline.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ProfileError(f"{path}: {e}") from e
+
+    def drop_draft(self, key: ProfileKey) -> None:
+        (self.root / key.slug / "draft.json").unlink(missing_ok=True)
+
+    def current(self, key: ProfileKey) -> Baseline | None:
+        """What the profile is now: its learning draft if newer than its last version, else that version."""
+        draft, saved = self.load_draft(key), self.load(key)
+        if draft is not None and (saved is None or draft.version >= saved.version):
+            return draft
+        return saved
+
     def load(self, key: ProfileKey, version: int | None = None) -> Baseline | None:
         """The current (or a given) version; None if the profile has never been saved."""
         versions = self.versions(key)
@@ -193,7 +255,7 @@ class ProfileStore:
     def keys(self) -> list[ProfileKey]:
         out = []
         for folder in sorted(p for p in self.root.glob("*") if p.is_dir()) if self.root.is_dir() else []:
-            files = sorted(folder.glob("v*.json"))
+            files = sorted(folder.glob("v*.json")) or sorted(folder.glob("draft.json"))
             if files:
                 out.append(ProfileKey(**json.loads(files[-1].read_text())["key"]))
         return out
@@ -202,7 +264,7 @@ class ProfileStore:
         """The reviewable view behind `neuraos-agent profiles`."""
         out = []
         for k in keys if keys is not None else self.keys():
-            b = self.load(k)
+            b = self.current(k)
             if b is not None:
                 out.append(b.summary() | {"versions": self.versions(k)})
         return out
