@@ -60,56 +60,71 @@ class Event:
     detail: str
 
 
-class Store:
-    def __init__(self, path: Path) -> None:
+class SqliteFile:
+    """One SQLite file shared by threads: opened in WAL mode with its schema, one lock.
+
+    A write that fails (disk full, locked too long) raises one StateError naming the file.
+    """
+
+    def __init__(self, path: Path, schema: str, what: str) -> None:
         self.path = path
+        self.what = what
         self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
+            self._db.executescript(schema)
         except sqlite3.DatabaseError as e:
-            raise StateError(f"state store {path} unusable: {e}") from None
+            raise StateError(f"{what} {path} unusable: {e}") from None
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _write(self, sql: str, args: tuple) -> None:
+    def _exec(self, sql: str, args: tuple) -> sqlite3.Cursor:
         with self._lock:
             try:
                 with self._db:
-                    self._db.execute(sql, args)
+                    return self._db.execute(sql, args)
             except sqlite3.OperationalError as e:
-                raise StateError(f"cannot write state store {self.path}: {e}") from None
+                raise StateError(f"cannot write {self.what} {self.path}: {e}") from None
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+
+class Store(SqliteFile):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SCHEMA, "state store")
 
     def put_guest(self, name: str, spec: dict[str, Any]) -> None:
-        self._write(
+        self._exec(
             "INSERT INTO guests(name, spec, created) VALUES(?,?,?) "
             "ON CONFLICT(name) DO UPDATE SET spec=excluded.spec",
             (name, json.dumps(spec), time.time()))
 
     def drop_guest(self, name: str) -> None:
-        self._write("DELETE FROM guests WHERE name=?", (name,))
+        self._exec("DELETE FROM guests WHERE name=?", (name,))
 
     def set_desired(self, name: str, vcpus: int | None = None, memory_mib: int | None = None) -> None:
         if vcpus is not None:
-            self._write("UPDATE guests SET desired_vcpus=? WHERE name=?", (vcpus, name))
+            self._exec("UPDATE guests SET desired_vcpus=? WHERE name=?", (vcpus, name))
         if memory_mib is not None:
-            self._write("UPDATE guests SET desired_memory_mib=? WHERE name=?", (memory_mib, name))
+            self._exec("UPDATE guests SET desired_memory_mib=? WHERE name=?", (memory_mib, name))
 
     def heartbeat(self, name: str, at: float) -> None:
-        self._write("UPDATE guests SET last_heartbeat=?, heartbeats=heartbeats+1 WHERE name=?", (at, name))
+        self._exec("UPDATE guests SET last_heartbeat=?, heartbeats=heartbeats+1 WHERE name=?", (at, name))
 
     def status(self, name: str, status: dict[str, Any]) -> None:
-        self._write("UPDATE guests SET status=? WHERE name=?", (json.dumps(status), name))
+        self._exec("UPDATE guests SET status=? WHERE name=?", (json.dumps(status), name))
 
     def lifecycle(self, name: str, state: str) -> None:
-        self._write("UPDATE guests SET lifecycle=? WHERE name=?", (state, name))
+        self._exec("UPDATE guests SET lifecycle=? WHERE name=?", (state, name))
 
     def event(self, guest: str | None, kind: str, detail: str = "") -> None:
-        self._write("INSERT INTO events(at, guest, kind, detail) VALUES(?,?,?,?)",
+        self._exec("INSERT INTO events(at, guest, kind, detail) VALUES(?,?,?,?)",
                     (time.time(), guest, kind, detail))
 
     def guest(self, name: str) -> GuestRecord | None:
@@ -125,12 +140,10 @@ class Store:
         if guest is not None:
             sql += " WHERE guest=?"
             args = (guest,)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id DESC LIMIT ?", args + (limit,)).fetchall()
+        rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", args + (limit,))
         return [Event(*r) for r in reversed(rows)]
 
     def _query(self, sql: str, args: tuple) -> list[GuestRecord]:
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        rows = self._rows(sql, args)
         return [GuestRecord(r[0], json.loads(r[1]), r[2], r[3], r[4], r[5], r[6],
                             json.loads(r[7]) if r[7] else None, r[8]) for r in rows]

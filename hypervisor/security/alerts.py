@@ -9,14 +9,12 @@ link, so it writes a request and waits for the controller's `ActionPump` to answ
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypervisor.errors import StateError
+from hypervisor.state import SqliteFile
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
@@ -83,29 +81,9 @@ def report_dict(msg: Any) -> dict[str, Any]:
     return d
 
 
-class AlertStore:
+class AlertStore(SqliteFile):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(SCHEMA)
-        except sqlite3.DatabaseError as e:
-            raise StateError(f"alert store {path} unusable: {e}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _exec(self, sql: str, args: tuple) -> sqlite3.Cursor:
-        with self._lock:
-            try:
-                with self._db:
-                    return self._db.execute(sql, args)
-            except sqlite3.OperationalError as e:
-                raise StateError(f"cannot write alert store {self.path}: {e}") from None
+        super().__init__(path, SCHEMA, "alert store")
 
     def record(self, guest: str, msg: Any) -> None:
         """The LinkServer's `on_alert` hook. A repeated alert (same guest and id) is kept once."""
@@ -119,8 +97,7 @@ class AlertStore:
         sql, args = "SELECT seq, guest, id, received, pid, contained, state, report FROM alerts", ()
         if guest is not None:
             sql, args = sql + " WHERE guest=?", (guest,)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY seq DESC LIMIT ?", args + (limit,)).fetchall()
+        rows = self._rows(sql + " ORDER BY seq DESC LIMIT ?", args + (limit,))
         return [AlertRecord(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], json.loads(r[7]))
                 for r in reversed(rows)]
 
@@ -135,15 +112,14 @@ class AlertStore:
                               (guest, pid, kind, time.time())).lastrowid)
 
     def pending(self) -> list[ActionRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM actions WHERE done IS NULL ORDER BY seq").fetchall()
+        rows = self._rows("SELECT * FROM actions WHERE done IS NULL ORDER BY seq")
         return [ActionRecord(*r[:6], None, None) for r in rows]
 
     def finish(self, seq: int, ok: bool, result: str) -> None:
         self._exec("UPDATE actions SET done=?, ok=?, result=? WHERE seq=?", (time.time(), int(ok), result[:4096], seq))
 
     def action(self, seq: int) -> ActionRecord | None:
-        with self._lock:
-            r = self._db.execute("SELECT * FROM actions WHERE seq=?", (seq,)).fetchone()
+        rows = self._rows("SELECT * FROM actions WHERE seq=?", (seq,))
+        r = rows[0] if rows else None
         return None if r is None else ActionRecord(r[0], r[1], r[2], r[3], r[4], r[5],
                                                    None if r[6] is None else bool(r[6]), r[7])
