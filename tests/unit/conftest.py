@@ -16,6 +16,8 @@ from hypervisor.link._gen import link_pb2, link_pb2_grpc
 sys.modules.setdefault("neuraos_agent._gen.link_pb2", link_pb2)
 sys.modules.setdefault("neuraos_agent._gen.link_pb2_grpc", link_pb2_grpc)
 
+import http.server  # noqa: E402
+import json  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -84,3 +86,32 @@ def start_agent() -> Iterator[Callable[..., RunningAgent]]:
     yield start
     for agent in running:
         agent.stop()
+
+
+@pytest.fixture
+def chat_server() -> Iterator[tuple[str, list[dict], list[str]]]:
+    """A local OpenAI-compatible endpoint that replies from a script (a test double for a server)."""
+    seen: list[dict] = []
+    replies: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            text = replies.pop(0) if replies else "FINAL(nothing)"
+            body = json.dumps({"choices": [{"message": {"content": text}}],
+                               "usage": {"prompt_tokens": 12, "completion_tokens": 1}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", seen, replies
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,11 +3,9 @@ never sees the context, and the real SmolLM2 answers a small long-context questi
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -293,35 +291,6 @@ def test_link_client_adapter() -> None:
             return Streamed("b", Usage(9, 2))
 
     assert LinkClient(StreamingModels()).complete("p") == Completion("b", 9, 2)
-
-
-@pytest.fixture
-def chat_server() -> Iterator[tuple[str, list[dict], list[str]]]:
-    """A local OpenAI-compatible endpoint that replies from a script (a test double for a server)."""
-    seen: list[dict] = []
-    replies: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            text = replies.pop(0) if replies else "FINAL(nothing)"
-            body = json.dumps({"choices": [{"message": {"content": text}}],
-                               "usage": {"prompt_tokens": 12, "completion_tokens": 1}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", seen, replies
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_openai_compatible_client_against_a_local_server(chat_server: tuple[str, list[dict], list[str]]) -> None:

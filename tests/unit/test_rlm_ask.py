@@ -144,40 +144,18 @@ def test_ask_end_to_end_with_the_host_backend(tmp_path: Path, capsys: pytest.Cap
 
 
 @pytest.mark.skipif(not namespaces_available(), reason="needs user namespaces")
-def test_ask_uses_the_configured_endpoint_in_python_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ask_uses_the_configured_endpoint_in_python_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          chat_server: tuple[str, list[dict], list[str]]) -> None:
     """`rlm_endpoint` in the config sends the root's turns to an OpenAI-compatible server (a local
     test double here) and the root writes Python; the context never reaches the server."""
-    import http.server
-    import threading
-
-    seen: list[dict] = []
-    replies = ["```repl\nhits = grep(context, 'falcon is')\nprint(hits)\n```",
-               "```repl\nFINAL(extract(hits[0], r'\\d+')[0])\n```"]
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            body = json.dumps({"choices": [{"message": {"content": replies.pop(0) if replies else "FINAL(x)"}}],
-                               "usage": {"prompt_tokens": 30, "completion_tokens": 9}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        docs = _corpus(tmp_path / "docs", "The special magic number for falcon is 4242.")
-        cfg = tmp_path / "neuraos.toml"
-        cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n'
-                       f'rlm_endpoint = "http://127.0.0.1:{server.server_port}/v1"\nrlm_model = "big"\n')
-        rc = main(["--config", str(cfg), "ask", "falcon number?", "-c", str(docs), "--json"])
-    finally:
-        server.shutdown()
-        server.server_close()
+    url, seen, replies = chat_server
+    replies += ["```repl\nhits = grep(context, 'falcon is')\nprint(hits)\n```",
+                "```repl\nFINAL(extract(hits[0], r'\\d+')[0])\n```"]
+    docs = _corpus(tmp_path / "docs", "The special magic number for falcon is 4242.")
+    cfg = tmp_path / "neuraos.toml"
+    cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n'
+                   f'rlm_endpoint = "{url}"\nrlm_model = "big"\n')
+    rc = main(["--config", str(cfg), "ask", "falcon number?", "-c", str(docs), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["answer"] == "4242" and doc["model"].startswith("big at http://127.0.0.1")
     assert len(seen) == 2 and all(r["model"] == "big" for r in seen)
