@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from neuraos_agent.rlm.errors import ClientError
+from neuraos_agent.throttle import retry_after_s
 
 DEFAULT_LINK_WINDOW = 2048  # the host's llama.cpp n_ctx unless its config says otherwise
 
@@ -238,8 +239,8 @@ class LinkClient:
                 code = getattr(exc, "code", "")
                 message = getattr(exc, "message", str(exc))
                 if code == "RESOURCE_EXHAUSTED" and waited < self.QUOTA_WAIT_S:
-                    m = re.search(r"retry in ([0-9.]+)\s*s", message)
-                    pause = min(max(float(m.group(1)) if m else 0.5, 0.2), self.QUOTA_WAIT_S - waited)
+                    named = retry_after_s(code, message)
+                    pause = min(max(named if named is not None else 0.5, 0.2), self.QUOTA_WAIT_S - waited)
                     self._sleep(pause)
                     waited += pause
                     self.quota_waits += 1

@@ -10,10 +10,10 @@ model on the host) are a configuration error, not an outage, and say so.
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import TYPE_CHECKING, Sequence
 
+from neuraos_agent.throttle import retry_after_s
 from neuraos_agent.vfs.embedder import MINILM_DIM, MINILM_ID
 from neuraos_agent.vfs.errors import EmbedderUnavailable, VFSError
 
@@ -29,7 +29,6 @@ RETRYABLE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
 # texts (8,192), so a chunk of one endless "word" is cut here instead of failing forever.
 MAX_CHARS = 4096
 SLICE = 128  # texts per Embed call (the host's limit per call)
-_RETRY_IN = re.compile(r"retry in ([0-9.]+)\s*s")
 MAX_WAIT_S = 30.0  # longest single wait a quota answer can impose before we ask again
 
 
@@ -95,5 +94,5 @@ def quota_wait(code: str, message: str) -> float | None:
     """Seconds to wait when the host throttles us (RESOURCE_EXHAUSTED), else None."""
     if code != "RESOURCE_EXHAUSTED":
         return None
-    m = _RETRY_IN.search(message)
-    return min(MAX_WAIT_S, float(m.group(1)) + 0.05) if m else 0.5  # "too many calls at once": soon
+    named = retry_after_s(code, message)
+    return min(MAX_WAIT_S, named + 0.05) if named is not None else 0.5  # "too many calls at once": soon
