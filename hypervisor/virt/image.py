@@ -63,7 +63,7 @@ CMDLINE = ("root=/dev/vda rootfstype=ext4 rw console=ttyS0 net.ifnames=0 quiet "
 
 MIN_DISK_BYTES = 3 << 30
 HEADROOM_BYTES = 1 << 30
-KEEP_IMAGES = 4   # older image layers are pruned after a build (newest first)
+KEEP_IMAGES = int(os.environ.get("NEURAOS_KEEP_IMAGES", "4"))  # older image layers pruned after a build (newest first)
 KEEP_BASES = 2    # likewise base and bootstrap layers
 
 # Not part of the agent's source: generated, built or cached files.
