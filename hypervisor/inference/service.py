@@ -43,7 +43,7 @@ class ServiceConfig:
     default_max_tokens: int = 128
     max_tokens_limit: int = 1024
     max_prompt_chars: int = 32_000
-    max_grammar_chars: int = 16_000
+    max_grammar_chars: int = 64_000
     max_stops: int = 8
     max_embed_texts: int = 128  # 128 x 384 float32 stays under the link's 256 KiB messages
     max_embed_chars: int = 8_192

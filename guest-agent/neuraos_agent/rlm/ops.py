@@ -212,8 +212,9 @@ def _check(name: str, args: list[str], vocab: Vocabulary) -> Op:
     raise ValueError(f"unknown operation {name!r}")
 
 
+# Without a grammar for the question's answers, the reader may only quote the text it was given.
 _ANSWER = ('llm_query(f"{{{src}}}\\n\\nQuestion: {{question}}\\nAnswer:", max_tokens=answer_tokens, '
-           'grammar=answer_grammar)')
+           'grammar=answer_grammar or quote_grammar({src}))')
 
 
 def compile_ops(ops: Sequence[Op]) -> str:
