@@ -244,8 +244,10 @@ def retrieval(args, corpus, queries, qrels, embedder, workdir: Path) -> tuple[li
 # -- (b) I/O overhead ----------------------------------------------------------------------------
 def io_overhead(args, embedder, workdir: Path) -> list[dict]:  # noqa: ANN001
     """Interleaved repeats, medians. `seq_write_mb_s` is write + fsync (data on disk: what a large
-    sequential write costs); `seq_write_buffered_mb_s` stops at the last write(), before fsync (page
-    cache only; FUSE's small per-mount dirty-page limit throttles the mount much earlier than ext4)."""
+    sequential write costs); `seq_write_buffered_mb_s` stops at the last write(), before fsync (the
+    plain directory's page cache; the mount's write-only opens are direct I/O, so there every write
+    has already reached the backing file). `seq_read_mb_s` reads the file just written: the plain
+    directory from its page cache, the mount through the agent (its writes bypassed the FUSE cache)."""
     from neuraos_agent.vfs import VectorFS, VFSConfig
 
     size_mib = 64 if args.quick else 256

@@ -226,6 +226,40 @@ def test_large_file_and_concurrent_writers(layout: "VFSConfig", embedder: Switch
         assert all(data[n * 4096:(n + 1) * 4096] == bytes([n]) * 4096 for n in range(12))
 
 
+def test_write_only_opens_bypass_the_page_cache_and_stay_coherent(layout: "VFSConfig",
+                                                                 embedder: SwitchableEmbedder) -> None:
+    """Write-only opens are direct I/O (fewer round trips for large writes); readers, appenders,
+    size and shared mmaps of read-write opens must still see one consistent file."""
+    with mounted(layout, embedder):
+        m, b = layout.mountpoint, layout.backing
+        (m / "c.bin").write_bytes(b"a" * 8192)
+        assert os.stat(m / "c.bin").st_blksize >= 64 * 1024  # buffered writers send large writes
+        with open(m / "c.bin", "rb") as reader:
+            assert reader.read(8192) == b"a" * 8192  # now in the page cache
+            fd = os.open(m / "c.bin", os.O_WRONLY)
+            os.pwrite(fd, b"B" * 4096, 4096)
+            os.pwrite(fd, b"C" * 100, 8192)  # extends the file
+            os.close(fd)
+            assert os.stat(m / "c.bin").st_size == 8292
+            reader.seek(0)
+            assert reader.read() == b"a" * 4096 + b"B" * 4096 + b"C" * 100  # the cached page was dropped
+        assert (b / "c.bin").read_bytes() == b"a" * 4096 + b"B" * 4096 + b"C" * 100
+
+        appenders = [os.open(m / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) for _ in range(2)]
+        for i in range(10):
+            os.write(appenders[i % 2], f"line {i}\n".encode())
+        for fd in appenders:
+            os.close(fd)
+        assert (m / "log.txt").read_text() == "".join(f"line {i}\n" for i in range(10))
+
+        # read-write opens keep the page cache, so shared mmaps work (in a child: CPython's msync
+        # holds the GIL, which this process's FUSE thread needs to answer)
+        code = ("import mmap, sys\nwith open(sys.argv[1], 'r+b') as f, mmap.mmap(f.fileno(), 0) as mm:\n"
+                "    mm[0:3] = b'xyz'\n    mm.flush()\n")
+        subprocess.run([sys.executable, "-c", code, str(m / "c.bin")], check=True, timeout=60)
+        assert (b / "c.bin").read_bytes()[:4] == b"xyza"
+
+
 # -- indexing and search -----------------------------------------------------------------------
 def test_write_then_searchable_by_meaning_and_search_dir(layout: "VFSConfig", embedder: SwitchableEmbedder) -> None:
     with mounted(layout, embedder) as vfs:

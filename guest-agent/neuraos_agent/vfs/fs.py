@@ -33,6 +33,9 @@ SEARCH_DIR = ".search"
 VIRTUAL_BASE = 1 << 60
 SEARCH_INODE = VIRTUAL_BASE
 ENTRY_TIMEOUT_S = 1.0
+# st_blksize, the I/O size stdio, Python and cp buffer to: every write(2) through FUSE costs a round
+# trip to this process, so ask for large ones (the kernel sends up to 1 MiB per request anyway)
+IO_BLOCK = 128 * 1024
 NAME_MAX = 255
 MAX_QUERY_DIRS = 256
 
@@ -62,7 +65,9 @@ class _QueryDir:
 class PassthroughFS(pyfuse3.Operations):
     """pyfuse3 operations over `root`; `on_change` hears of every change that can alter an index."""
 
-    enable_writeback_cache = True  # the kernel batches small writes into large ones
+    # The kernel batches small writes of read-write opens into large ones. Write-only opens are
+    # direct I/O instead (see `_write_only`).
+    enable_writeback_cache = True
 
     def __init__(self, root: str, on_change: ChangeFn, search: SearchFn | None = None,
                  search_ttl_s: float = 2.0, search_k: int = 10) -> None:
@@ -149,7 +154,7 @@ class PassthroughFS(pyfuse3.Operations):
         attr.generation = 0
         attr.entry_timeout = ENTRY_TIMEOUT_S
         attr.attr_timeout = ENTRY_TIMEOUT_S
-        attr.st_blksize = 512
+        attr.st_blksize = IO_BLOCK
         attr.st_blocks = (st.st_size + 511) // 512
         return attr
 
@@ -415,10 +420,11 @@ class PassthroughFS(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------------
     async def open(self, inode, flags, ctx):  # noqa: ANN001, ANN201
         self._refuse_virtual(inode)
+        direct = _write_only(flags)
         if inode in self._inode_fd:
             fd = self._inode_fd[inode]
             self._fd_open_count[fd] += 1
-            return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+            return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=direct)
         # the writeback cache may read a page of a file opened write-only: always open read-write
         # when allowed (the kernel has already checked the caller's permission)
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
@@ -434,10 +440,11 @@ class PassthroughFS(pyfuse3.Operations):
         self._track_fd(inode, fd)
         if flags & os.O_TRUNC:
             self._fd_written.add(fd)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=direct)
 
     async def create(self, inode_p, name, mode, flags, ctx):  # noqa: ANN001, ANN201
         path = self._child(inode_p, name)
+        direct = _write_only(flags)
         flags &= ~(os.O_NOCTTY | os.O_APPEND | os.O_ACCMODE)
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_RDWR, mode & ~ctx.umask)
@@ -448,7 +455,7 @@ class PassthroughFS(pyfuse3.Operations):
         self._remember(attr.st_ino, path)
         self._track_fd(attr.st_ino, fd)
         self._fd_written.add(fd)  # a new file is news even if nothing is written to it
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True), attr
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=direct), attr
 
     def _track_fd(self, inode: int, fd: int) -> None:
         self._inode_fd[inode] = fd
@@ -569,6 +576,20 @@ class PassthroughFS(pyfuse3.Operations):
     def _alloc(self) -> int:
         self._next_virtual += 1
         return self._next_virtual
+
+
+def _write_only(flags: int) -> bool:
+    """Whether an open gets direct I/O: each write(2) goes to us as it is, past the page cache.
+
+    Through the writeback cache every write(2) costs a round trip anyway (the kernel asks for
+    `security.capability` before each one: FUSE has no SB_NOSEC without KILLPRIV_V2, which
+    libfuse 3.14 lacks), then a copy into the FUSE page cache, throttled by FUSE's small dirty
+    limit, and a second trip when the pages are written back. Direct I/O is one trip and one copy
+    fewer: large sequential writes ran about 2x faster, small files no slower. Only write-only
+    opens: they cannot be mmapped, and readers of the file keep the page cache (the kernel
+    invalidates the range a direct write covers).
+    """
+    return flags & os.O_ACCMODE == os.O_WRONLY
 
 
 def _entry_name(rank: int, m: Match) -> bytes:
