@@ -223,7 +223,7 @@ class SchedulerLoop:
             if res.applied or res.errors:
                 self.log.write(ActionRecord(time.time(), a.guest, self.planner.name, "resize", asdict(before),
                                             asdict(a.target), res.applied, asdict(res.allocation), res.errors,
-                                            list(a.reasons), _forecast_doc(fc, why)))
+                                            list(a.reasons), _forecast_doc(fc, why, a.forecast)))
         self._gpu(rep)
         rep.took_s = time.monotonic() - t0
         self.ticks += 1
@@ -305,7 +305,9 @@ def _raw_intent(raw: object) -> tuple[dict | None, str]:
     return out, ""
 
 
-def _forecast_doc(fc: GuestForecast, why: Explained) -> dict:
+def _forecast_doc(fc: GuestForecast, why: Explained, planned: GuestForecast | None = None) -> dict:
+    """The forecast as logged; `planned` is what the planner acted on, when it moved the
+    CPU quantile (the per-guest calibrated level) away from the forecast's own p98."""
     def path(a: np.ndarray) -> list[float | None]:
         return [None if not math.isfinite(v) else round(float(v), 4) for v in a]
 
@@ -315,7 +317,9 @@ def _forecast_doc(fc: GuestForecast, why: Explained) -> dict:
     return {"source": why.source, "period_s": why.period_s, "period_strength": why.period_strength,
             "job_due_in_s": why.job_due_in_s, "transformer_cpu_next_step": why.transformer_cpu,
             "cpu_p98_cores": path(fc.cpu_cores[:, i98]), "memory_p99_mib": path(fc.memory_mib[:, i99]),
-            "memory_known": why.memory_known, "upper_quantile": upper}
+            "memory_known": why.memory_known, "upper_quantile": upper,
+            **({"cpu_planned_cores": path(planned.cpu_cores[:, i98])}
+               if planned is not None and i98 >= 0 and planned.quantiles == fc.quantiles else {})}
 
 
 def host_capacity(cpu_overcommit: float = 4.0, memory_overcommit: float = 1.0) -> HostCapacity:

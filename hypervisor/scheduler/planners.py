@@ -7,14 +7,15 @@ are shared, and a comparison between them differs only in how targets are chosen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
 from hypervisor.scheduler.baselines import ReactiveThreshold
+from hypervisor.scheduler.calibration import CalibrationConfig, TailCalibrator
 from hypervisor.scheduler.policy import (
-    Allocation, GuestForecast, GuestInput, GuestState, HostCapacity, PlannedAction, PolicyConfig, decide,
+    Allocation, GuestForecast, GuestInput, GuestState, HostCapacity, PlannedAction, PolicyConfig, at_level, decide,
     to_allocation,
 )
 from hypervisor.virt.templates import GuestPolicy
@@ -46,15 +47,37 @@ tenth of the guest's minimum vCPUs while it is idle."""
 
 
 class ForecastPlanner:
-    """`policy.decide` on the live forecast; a new guest starts from what it has now."""
+    """`policy.decide` on the live forecast; a new guest starts from what it has now.
+
+    With `calibration` (the default, as in the benchmark), each guest's CPU quantile is
+    first moved to the level its own recent misses call for (`calibration.TailCalibrator`).
+    """
 
     name = "neuraos"
 
-    def __init__(self, cfg: PolicyConfig = LIVE_POLICY) -> None:
+    def __init__(self, cfg: PolicyConfig = LIVE_POLICY,
+                 calibration: CalibrationConfig | None = CalibrationConfig()) -> None:
         self.cfg = cfg
+        self.calibration = calibration
         self.states: dict[str, GuestState] = {}
+        self.calibrators: dict[str, TailCalibrator] = {}
+
+    def _calibrated(self, i: PlanInput) -> PlanInput:
+        """The input with its CPU forecast at this guest's calibrated level in place of the policy's quantile."""
+        cal = self.calibrators.get(i.name)
+        if cal is None:
+            cal = self.calibrators[i.name] = TailCalibrator(np.array(1.0 - self.cfg.cpu_quantile), self.calibration)
+        cal.observe(np.array(i.used_cores))
+        level = cal.levels(np.array(i.used_cores / max(i.bounds.max_vcpus, 1)))
+        path = at_level(i.forecast.cpu_cores, i.forecast.quantiles, level)  # (H,)
+        cal.forecast_was(path[0])
+        cpu = np.array(i.forecast.cpu_cores, np.float64)
+        cpu[:, i.forecast.quantiles.index(self.cfg.cpu_quantile)] = path
+        return replace(i, forecast=replace(i.forecast, cpu_cores=cpu))
 
     def plan(self, inputs: Sequence[PlanInput], host: HostCapacity) -> list[PlannedAction]:
+        if self.calibration is not None:
+            inputs = [self._calibrated(i) for i in inputs]
         guests = [GuestInput(i.name, i.bounds, i.forecast,
                              self.states.get(i.name) or GuestState(i.current.cpu_cores, i.current.memory_mib))
                   for i in inputs]
@@ -64,6 +87,7 @@ class ForecastPlanner:
 
     def forget(self, guest: str) -> None:
         self.states.pop(guest, None)
+        self.calibrators.pop(guest, None)
 
 
 class ReactivePlanner:

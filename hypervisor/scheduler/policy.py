@@ -142,6 +142,28 @@ def target(upper: np.ndarray, headroom: float | np.ndarray, cfg: PolicyConfig) -
     return upper[..., :max(cfg.lead_ticks, 1)].max(axis=-1) * (1.0 + np.asarray(headroom, np.float64))
 
 
+def at_level(values: np.ndarray, quantiles: Sequence[float], level: float | np.ndarray) -> np.ndarray:
+    """A forecast's value at any upper quantile level, from its (..., Q) quantile values.
+
+    Linear in log(1 - level) between the forecast's own levels (a demand tail decays
+    roughly exponentially), and past the highest one along its last segment, so the
+    policy's knob can ask for a rarer miss (p99.8) or a commoner one (p97) than the
+    forecaster was trained for. Levels below the lowest give the lowest. `level`
+    broadcasts against `values[..., 0]`.
+    """
+    values = np.asarray(values, np.float64)
+    tail = np.log1p(-np.asarray(quantiles, np.float64))  # decreasing
+    x = np.log1p(-np.asarray(level, np.float64))
+    shape = np.broadcast_shapes(values.shape[:-1], x.shape)
+    x = np.broadcast_to(x, shape)
+    v = np.broadcast_to(values, shape + values.shape[-1:])
+    j = np.clip(np.searchsorted(-tail, -x), 1, len(tail) - 1)
+    lo = np.take_along_axis(v, (j - 1)[..., None], -1)[..., 0]
+    hi = np.take_along_axis(v, j[..., None], -1)[..., 0]
+    w = np.maximum((x - tail[j - 1]) / (tail[j] - tail[j - 1]), 0.0)
+    return lo + w * (hi - lo)
+
+
 def hysteresis(alloc: np.ndarray, held: np.ndarray, goal: np.ndarray, cfg: PolicyConfig
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One tick of the raise-now / lower-after-hold rule; returns (alloc, held, changed).

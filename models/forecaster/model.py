@@ -139,13 +139,16 @@ class ForecastNet(nn.Module):
         return torch.cat([base, base + torch.cumsum(steps, dim=-1)], dim=-1)
 
 
-def pinball(pred: torch.Tensor, target: torch.Tensor, quantiles: tuple[float, ...]) -> torch.Tensor:
-    """Mean pinball loss; `pred` (..., Q), `target` (...) with NaN ignored."""
+def pinball(pred: torch.Tensor, target: torch.Tensor, quantiles: tuple[float, ...],
+            weight_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean pinball loss; `pred` (..., Q), `target` (...) with NaN ignored; optional (Q,) weights."""
     tau = torch.tensor(quantiles, dtype=pred.dtype, device=pred.device)
     known = ~torch.isnan(target)
     diff = torch.where(known, target, 0.0)[..., None] - pred
     loss = torch.maximum(tau * diff, (tau - 1) * diff)
     weight = known[..., None].to(pred.dtype).expand_as(loss)
+    if weight_q is not None:
+        loss = loss * weight_q.to(pred.dtype)
     return (loss * weight).sum() / weight.sum().clamp_min(1.0)
 
 

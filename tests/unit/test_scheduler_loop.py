@@ -203,6 +203,8 @@ def test_loop_ticks_on_a_real_driver_skipping_memory_without_balloon_stats(conn,
     assert any("quota" in e for a in acts for e in a.errors)
     assert all("memory" not in a.applied for a in acts)
     assert acts[-1].forecast["source"] == "recent"
+    # what the planner acted on: the forecast at the guest's calibrated level, logged beside it
+    assert len(acts[-1].forecast["cpu_planned_cores"]) == len(acts[-1].forecast["cpu_p98_cores"])
 
 
 def test_guest_vanishing_mid_tick_is_skipped_and_others_go_on(conn, tmp_path):

@@ -5,9 +5,11 @@ Inside the guest a systemd timer fires a busy loop on a fixed wall-clock schedul
 scheduler loop (the one `neuraos up` runs) ticks every second with the NeuraOS planner,
 then again with the reactive (oVirt MoM-style) planner, the same way, on the same guest.
 The guest may have one vCPU, so the lever is its CPU quota (schedinfo), from a tenth of a
-core to a whole one. For each spike the lead time is spike start minus the moment the
-quota in effect first covered half of the spike's extra demand: positive means ready
-before the load came.
+core to a whole one. Its balloon starts BALLOON_MIB below what the guest had and may go
+up to the domain's maximum, so the NeuraOS loop also gives it memory live as its memory
+forecast (use plus margins) asks (the reactive one is CPU only).
+For each spike the lead time is spike start minus the moment the quota in effect first
+covered half of the spike's extra demand: positive means ready before the load came.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ WARMUP_S = 2 * PERIOD_S + 5   # the periodic path needs two full periods in its 
 MEASURE_S = 4 * PERIOD_S
 REACTIVE_WARMUP_S = 20        # its allocation decays from a whole core first
 SPIKE_LOG = "/run/neura-spike.log"
+BALLOON_MIB = 256
 
 TIMER = f"""[Unit]
 Description=NeuraOS test: periodic CPU spike
@@ -68,21 +71,29 @@ def ssh(host: Host, guest, tmp_path: Path):
 
 @pytest.fixture
 def spiky_guest(host: Host, ssh):
-    """The spike timer running in the guest, one vCPU, quota free; all undone afterwards."""
+    """The spike timer running in the guest, one vCPU, quota free, balloon BALLOON_MIB below
+    what it had and free up to the domain's maximum; all undone afterwards."""
     old = domains.policy(host.conn, host.name)
-    mem = domains.info(host.conn, host.name).memory_mib
+    info = domains.info(host.conn, host.name)
+    mem, top = info.memory_mib, info.max_memory_mib
+    low = mem - BALLOON_MIB
     domains.set_policy(host.conn, host.name, replace(old, min_vcpus=1, max_vcpus=1,
-                                                      min_memory_mib=mem, max_memory_mib=mem))
+                                                      min_memory_mib=low, max_memory_mib=top))
+    domains.set_balloon(host.conn, host.name, low)
+    deadline = time.time() + 60  # the loop starts from the balloon's size as the guest reports it
+    while domains.memory_stats(host.conn, host.name).get("actual", 0) > (low + 8) * 1024 and time.time() < deadline:
+        time.sleep(1)
     if domains.info(host.conn, host.name).vcpus != 1 or ssh.check_output("nproc") != "1":
         host.controller.set_vcpus(host.name, 1)
     for unit, text in (("neura-spike.timer", TIMER), ("neura-spike.service", SERVICE)):
         ssh.run(f"cat > /run/systemd/system/{unit} <<'EOF'\n{text}EOF")
     cmd = ssh.run(f"rm -f {SPIKE_LOG}; systemctl daemon-reload && systemctl start neura-spike.timer")
     assert cmd.rc == 0, cmd.stderr
-    yield
+    yield low
     ssh.run("systemctl stop neura-spike.timer neura-spike.service; "
               "rm -f /run/systemd/system/neura-spike.*; systemctl daemon-reload")
     domains.set_cpu_quota(host.conn, host.name, None)
+    domains.set_balloon(host.conn, host.name, mem)
     domains.set_policy(host.conn, host.name, old)
 
 
@@ -181,6 +192,7 @@ def test_forecast_loop_raises_cpu_before_a_periodic_spike_and_reactive_after(hos
             seen[what[0]] = json.loads(p.stdout)
 
     ours_t = run_phase(host, ForecastPlanner(), ours_dir, model, WARMUP_S + MEASURE_S, during=ask_cli)
+    balloon_after = domains.info(host.conn, host.name).memory_mib
     theirs_t = run_phase(host, ReactivePlanner(), theirs_dir, model, REACTIVE_WARMUP_S + MEASURE_S)
 
     starts = [float(x) - offset for x in ssh.check_output(f"cat {SPIKE_LOG}").split()]
@@ -215,6 +227,21 @@ def test_forecast_loop_raises_cpu_before_a_periodic_spike_and_reactive_after(hos
     print(f"[scheduling] `neuraos forecast` mid-run: source {fc['source']}, period {fc['period_s']} s, "
           f"p98 next ticks {fc['cpu_p98_cores']}")
 
+    ballooned = [a for a in result["neuraos"][2] if "memory" in a.applied]
+    for a in ballooned[:3]:
+        print(f"[scheduling] balloon {a.previous['memory_mib']} -> {a.in_effect['memory_mib']} MiB at "
+              f"+{a.at - ours_t[0]:.0f}s ({', '.join(a.reasons)}); forecast memory p99 "
+              f"{a.forecast['memory_p99_mib'][:3]} MiB, cpu p98 {a.forecast['cpu_p98_cores'][:3]} cores, "
+              f"planned {a.forecast.get('cpu_planned_cores', [])[:3]}")
+    tel = [json.loads(x) for x in (scheduler_paths(ours_dir).telemetry / f"{host.name}.jsonl").read_text().splitlines()]
+    used_mib = [r["balloon_mib"] - r["usable_mib"] for r in tel if r.get("usable_mib") is not None and r.get("balloon_mib")]
+    last = result["neuraos"][2][-1]
+    print(f"[scheduling] guest balloon after the NeuraOS phase: {balloon_after} MiB (started at {spiky_guest}); "
+          f"used (balloon - usable) median {np.median(used_mib) if used_mib else float('nan'):.0f} MiB over "
+          f"{len(used_mib)}/{len(tel)} ticks; last action: memory {last.previous['memory_mib']} -> "
+          f"{last.target['memory_mib']} MiB planned, applied {last.applied}, forecast memory p99 "
+          f"{last.forecast.get('memory_p99_mib', [])[:3]}, memory_known {last.forecast.get('memory_known')}")
+
     ours, n_ours, acts = result["neuraos"]
     theirs, n_theirs, _ = result["reactive"]
     assert seen["top"]["guests"][host.name]["forecast"]["source"].startswith("periodic")
@@ -223,3 +250,7 @@ def test_forecast_loop_raises_cpu_before_a_periodic_spike_and_reactive_after(hos
     assert len(ours) >= 2 and len(theirs) >= 2, (n_ours, ours, n_theirs, theirs)
     assert np.median(ours) > 0, f"NeuraOS raised CPU after the spikes: {ours}"
     assert np.median(theirs) <= 0, f"the reactive policy raised CPU before the spikes: {theirs}"
+    # The balloon moved live, by the loop, logged with the forecast that asked for it.
+    assert ballooned, "the loop never changed the balloon"
+    assert all(a.forecast.get("memory_p99_mib") for a in ballooned)
+    assert balloon_after > spiky_guest, (balloon_after, spiky_guest)
