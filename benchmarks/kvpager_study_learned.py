@@ -21,6 +21,9 @@ Results (2026-11-26, 10% fast tier, whole trace / second half): plain relevance 
 The classifier reached only AUC ~0.60 on held-out blocks (GBM, trained on the first half,
 tested on the second, "ever returns" label), and splitting classes by it cost more in noisier
 survival curves than it gained: worse, not better. LRU 0.2789, Belady 0.3664 on the whole trace.
+Part of the loss is that its depth features score a request's blocks differently, and one block
+judged low breaks the chain behind it (kvpager_study_ceiling.py); but even with errors kept
+consistent along a request, a predictor of AUC 0.6-0.7 gives 0.2974-0.2996 there: no gain.
 """
 import sys, time, math, bisect
 sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
