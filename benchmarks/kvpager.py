@@ -125,15 +125,26 @@ def live_table(live: dict[str, Any]) -> Table:
     e = live["engine"]  # this machine's speed in the same run: a loaded machine shows here first
     t = Table(title=f"(b) {live['data']}: time to first token (ms); engine {e['prompt_tok_per_s']} prompt tok/s, "
                     f"{e['gen_tok_per_s']} gen tok/s")
-    cols = {"system": "system", "ttft_ms_p50": "p50", "ttft_ms_p99": "p99", "miss_ttft_ms_p50": "miss p50",
-            "speedup_p50_vs_reprefill": "x faster", "restores": "restored", "re_prefills": "prefilled",
-            "same_as_unbounded_frac": "same"}
+    cols = {"system": "system", "ttft_ms_p50": "p50", "ttft_ms_p99": "p99", "speedup_p50_vs_reprefill": "x",
+            "restores": "restored", "re_prefills": "lost", "recomputes": "recomp", "same_as_unbounded_frac": "same"}
     for c, label in cols.items():
         t.add_column(label, justify="left" if c == "system" else "right", no_wrap=c == "system")
     for r in live["rows"]:
         t.add_row(*[f"{v:.0f}" if c.startswith(("ttft", "miss")) else str(v)
                     for c in cols for v in [r.get(c, "—")]])
     return t
+
+
+def cost_lines(live: dict[str, Any]) -> list[str]:
+    """What each NeuraOS row's cost model measured, and what it chose ("by choice": re-prefilled)."""
+    out = [f"slow tier: {live['slow_tier']['doc']} = {live['slow_tier']['read_mib_per_s']} MiB/s"]
+    for r in live["rows"]:
+        c = r.get("restore_cost")
+        if c:
+            tiers = ", ".join(f"{n} {t['mib_per_s']} MiB/s ({t['restores']} timed)" for n, t in c["tiers"].items())
+            out.append(f"{r['system']}: measured prefill {c['prefill_tok_per_s']} tok/s, restore {tiers or '-'}; "
+                       f"decisions {c['decisions']}")
+    return out
 
 
 def main() -> None:
@@ -188,6 +199,8 @@ def main() -> None:
     console.print(f"gap closed at {PRIMARY_FRACTION:.0%} (neuraos - lru) / (belady - lru): {gap_closed(rows)}")
     if live:
         console.print(live_table(live))
+        for line in cost_lines(live):
+            console.print(line)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def kv_report(cfg: Config) -> dict:
     if snap is None:
         return {"running": False, "slots": [], "tiers": {}, "guests": {}}
     return {"running": True, "at_unix": snap.get("at_unix"), "slots": snap.get("slots", []),
-            "tiers": snap.get("tiers", {}), "restores": snap.get("restores", {}), "guests": snap.get("guests", {})}
+            "tiers": snap.get("tiers", {}), "restores": snap.get("restores", {}), "guests": snap.get("guests", {}),
+            "restore_cost": snap.get("restore_cost")}
 
 
 def cmd_models(args: argparse.Namespace, cfg: Config) -> int:
@@ -107,6 +108,11 @@ def cmd_kv(args: argparse.Namespace, cfg: Config) -> int:
         by, kv = g["sessions_by_tier"], g["kv"]
         hit = "" if g["kv_hit_rate"] is None else f"{g['kv_hit_rate']:.0%}"
         guests.add_row(name, str(g["sessions"]), f"{by['slot']}/{by['ram']}/{by['nvme']}", str(g["kv_tokens"]),
-                       hit, f"{kv['ram']}/{kv['nvme']}", str(kv["prefill"]))
+                       hit, f"{kv['ram']}/{kv['nvme']}", str(kv["prefill"] + kv.get("recompute", 0)))
     out.print(guests)
+    cost = doc.get("restore_cost")
+    if cost:  # what the service measured, and so how it brings a parked session back
+        reads = ", ".join(f"{n} {t['mib_per_s']} MiB/s" for n, t in cost["tiers"].items()) or "no restore yet"
+        out.print(f"measured: prefill {cost['prefill_tok_per_s'] or '?'} tok/s; restore from {reads}; "
+                  f"re-prefilled by choice {cost['decisions']['recompute']}")
     return 0

@@ -39,6 +39,15 @@ class ModelHostConfig:
     snapshot_path: Path | None = None
 
 
+def _restore_cost():
+    """The measured restore-vs-recompute costs the service and the pager share (None without the pager)."""
+    try:
+        from hypervisor.kvpager.cost import RestoreCost
+    except ImportError:
+        return None
+    return RestoreCost()
+
+
 class ModelHost:
     """Backend + embedder + KV store + service; a context manager that closes them in order."""
 
@@ -64,10 +73,11 @@ class ModelHost:
                 self.unavailable.append(str(exc))
                 log.warning("model service: %s", exc)
         self.pager = None
+        self.cost = _restore_cost()
         self.store = self._store()
         self.service = ModelService(self.backend, self.batcher, ServiceConfig(
             quota=config.quota, guest_quotas=config.guest_quotas, snapshot_path=config.snapshot_path),
-            store=self.store)
+            store=self.store, cost=self.cost)
 
     def _store(self) -> StateStore:
         """The KV pager (relevance policy over RAM and NVMe) where present, else the ParkingStore."""
@@ -77,11 +87,11 @@ class ModelHost:
             from hypervisor.kvpager.pager import KVPager
             from hypervisor.kvpager.tiers import MemoryTier, NvmeTier
         except ImportError:
-            return ParkingStore(cfg.kv_ram_mib << 20, cfg.kv_nvme_dir, cfg.kv_nvme_mib << 20)
+            return ParkingStore(cfg.kv_ram_mib << 20, cfg.kv_nvme_dir, cfg.kv_nvme_mib << 20, cost=self.cost)
         tiers = [MemoryTier("ram", cfg.kv_ram_mib << 20)]
         if cfg.kv_nvme_dir is not None:
             tiers.append(NvmeTier("nvme", cfg.kv_nvme_mib << 20, cfg.kv_nvme_dir))
-        self.pager = KVPager.relevance(tiers)
+        self.pager = KVPager.relevance(tiers, cost=self.cost)
         self.pager.start()
         return PagerStore(self.pager, [t.name for t in tiers])
 

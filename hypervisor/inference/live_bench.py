@@ -9,9 +9,16 @@ service four ways, so the only difference is what happens to a session displaced
 * `prefix-reuse` nothing is kept, but a slot's sibling prefix (the shared document) is reused,
   as a plain prefix cache would;
 * `re-prefill`   nothing is kept: the whole history is prefilled again;
+* `neuraos-slow-tier` parked on a tier that reads back slower than this engine prefills (an
+  emulated device, `SlowTier`, capped at half the bandwidth at which a restore would
+  break even with the prefill speed measured at the start of the run); the service measures
+  its restores and prefills (`RestoreCost`) and chooses per turn: restore or re-prefill;
+* `slow-tier-restore` the same tier, always restored (no cost model): what the choice saves;
 * `unbounded-slots` (the limit) one live slot per session, so nobody is ever displaced.
 
-Every agent's first turn (its history) is computed once and handed to each system as it
+The NeuraOS rows all run with the cost model, learning from their own operations only; each
+row reports what it learned (`restore_cost`) and how many turns re-prefilled by choice
+(`recomputes`). Every agent's first turn (its history) is computed once and handed to each system as it
 would stand after that turn: parked in the store for the NeuraOS rows (and for the limit,
 whose first touch of each session is a restore), absent for the others.
 
@@ -37,12 +44,15 @@ from pathlib import Path
 from hypervisor.inference.backends import (
     GenParams, KVState, LlamaCppBackend, LlamaCppConfig, Message, llama_cpp_missing,
 )
-from hypervisor.inference.parking import ParkingStore
+from hypervisor.inference.parking import ParkingStore, StateStore
 from hypervisor.inference.quotas import GuestQuota
 from hypervisor.inference.service import CompleteArgs, ModelService, ServiceConfig, Usage
+from hypervisor.kvpager.cost import RestoreCost
 
 GUEST = "agents"
-SYSTEMS = ("neuraos-ram", "neuraos-nvme", "prefix-reuse", "re-prefill", "unbounded-slots")
+SYSTEMS = ("neuraos-ram", "neuraos-nvme", "prefix-reuse", "re-prefill", "neuraos-slow-tier", "slow-tier-restore",
+           "unbounded-slots")
+SLOW_TIER_X = 2.0  # the emulated slow tier reads back this many times slower than a prefill
 
 _WORDS = ("kernel scheduler memory balloon vcpu latency guest agent vector index journal cache page tier "
           "policy forecast quota session token prefill restore checksum sandbox syscall profile baseline "
@@ -134,23 +144,24 @@ def engine_speed(backend: LlamaCppBackend, rng: random.Random, gen_tokens: int =
             "gen_first_token_ms": round((t2 - t1) * 1000, 1)}
 
 
-def _store(system: str, root: Path):
-    """The KV pager with RAM or NVMe as its only usable tier; the ParkingStore without it."""
+def _store(system: str, root: Path, cost: RestoreCost | None, slow_mib_per_s: float):
+    """The KV pager with RAM, NVMe or the slow tier as its only usable tier."""
+    from hypervisor.inference.pager_store import PagerStore
+    from hypervisor.kvpager.pager import KVPager
+    from hypervisor.kvpager.tiers import MemoryTier, NvmeTier, SlowTier
+
     ram = 4 << 30 if system == "neuraos-ram" else 0
-    try:
-        from hypervisor.inference.pager_store import PagerStore
-        from hypervisor.kvpager.pager import KVPager
-        from hypervisor.kvpager.tiers import MemoryTier, NvmeTier
-    except ImportError:
-        return ParkingStore(ram_bytes=ram, nvme_dir=root / system, nvme_bytes=16 << 30, durable=False)
-    pager = KVPager.relevance([MemoryTier("ram", ram), NvmeTier("nvme", 16 << 30, root / system)])
+    lower = (SlowTier("nvme", 16 << 30, root / system, slow_mib_per_s) if "slow-tier" in system
+             else NvmeTier("nvme", 16 << 30, root / system))
+    pager = KVPager.relevance([MemoryTier("ram", ram), lower], cost=cost)
     return PagerStore(pager, ["ram", "nvme"])
 
 
-def _service(backend: LlamaCppBackend, cfg: LiveConfig, store: ParkingStore | None) -> ModelService:
+def _service(backend: LlamaCppBackend, cfg: LiveConfig, store: StateStore | None,
+             cost: RestoreCost | None = None) -> ModelService:
     quota = GuestQuota(tokens_per_s=1e9, burst_tokens=1e12, max_sessions=cfg.sessions + 1, max_inflight=4)
     service = ModelService(backend, None, ServiceConfig(quota=quota, max_tokens_limit=64,
-                                                        max_prompt_chars=200_000), store=store)
+                                                        max_prompt_chars=200_000), store=store, cost=cost)
     for slot in range(cfg.slots):
         backend.clear(slot)
     return service
@@ -179,13 +190,14 @@ def _first_turns(backend: LlamaCppBackend, cfg: LiveConfig, shared: str, own: li
 
 
 def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, histories: list[_History],
-                questions: list[str], order: list[int], nvme_root: Path) -> dict:
-    store = None
-    if system.startswith("neuraos"):
-        store = _store(system, nvme_root)
+                questions: list[str], order: list[int], nvme_root: Path, slow_mib_per_s: float) -> dict:
+    store: StateStore | None = None
+    cost = RestoreCost() if system.startswith("neuraos") else None
+    if system.startswith("neuraos") or system == "slow-tier-restore":
+        store = _store(system, nvme_root, cost, slow_mib_per_s)
     elif system == "unbounded-slots":
         store = ParkingStore(ram_bytes=16 << 30)
-    service = _service(backend, cfg, store)
+    service = _service(backend, cfg, store, cost)
     assert service.pool is not None
     seeded = 0
     for i, h in enumerate(histories):
@@ -217,10 +229,12 @@ def _run_system(system: str, backend: LlamaCppBackend, cfg: LiveConfig, historie
         "restores": sum(s in ("ram", "nvme") for s in sources),
         "slot_hits": sources.count("slot"),
         "re_prefills": sources.count("prefill"),
+        "recomputes": sources.count("recompute"),  # parked, but re-prefilled by the cost model's choice
         "wall_s": round(wall, 2),
         "parked_mib": round((seeded + service.pool.parked_bytes) / 2**20, 1),  # every state parked, in full
         "kv_store": type(store).__name__ if store is not None else None,
         "kv_stored_mib": round(sum(t["used_bytes"] for t in store.usage().values()) / 2**20, 1) if store else 0.0,
+        **({"restore_cost": cost.snapshot()} if cost is not None else {}),
         "_answers": answers,
     }
 
@@ -246,12 +260,16 @@ def run_live(quick: bool, seed: int) -> dict:
     try:
         engine = engine_speed(backend, random.Random(seed), cfg.speed_gen_tokens)
         histories = _first_turns(backend, cfg, shared, own)
+        kv_per_token = statistics.fmean(h.state.nbytes / len(h.state.tokens) for h in histories)
+        slow_mib_per_s = kv_per_token * engine["prompt_tok_per_s"] / SLOW_TIER_X / 2**20
         with tempfile.TemporaryDirectory(prefix="neuraos-kv-", dir="/var/tmp") as tmp:
-            rows = [_run_system(s, backend, cfg, histories, questions, order, Path(tmp)) for s in SYSTEMS[:-1]]
+            rows = [_run_system(s, backend, cfg, histories, questions, order, Path(tmp), slow_mib_per_s)
+                    for s in SYSTEMS[:-1]]
             backend.close()  # the limit: as many live contexts as sessions
             unbounded = replace(cfg, slots=cfg.sessions)
             backend = LlamaCppBackend(LlamaCppConfig(slots=unbounded.slots, n_ctx=cfg.n_ctx, n_threads=cfg.threads))
-            rows.append(_run_system(SYSTEMS[-1], backend, unbounded, histories, questions, order, Path(tmp)))
+            rows.append(_run_system(SYSTEMS[-1], backend, unbounded, histories, questions, order, Path(tmp),
+                                    slow_mib_per_s))
     finally:
         backend.close()
     answers = {r["system"]: r.pop("_answers") for r in rows}
@@ -267,6 +285,9 @@ def run_live(quick: bool, seed: int) -> dict:
                 f"{cfg.requests} turns (seed {seed})",
         "config": asdict(cfg),
         "engine": engine,
+        "slow_tier": {"read_mib_per_s": round(slow_mib_per_s, 2), "kv_bytes_per_token": round(kv_per_token),
+                      "doc": f"emulated device (SlowTier): reads back {SLOW_TIER_X:g}x slower than the engine "
+                             f"prefilled at the start of this run"},
         "rows": rows,
         "primary": {"metric": "ttft_ms_p50", "better": "lower",
                     "goal": "neuraos-ram and neuraos-nvme at least 3x lower than re-prefill"},

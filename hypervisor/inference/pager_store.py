@@ -38,6 +38,7 @@ class _Parked:
     tokens: tuple[int, ...]
     block_tokens: int
     hashes: tuple[int, ...]
+    nbytes: int
 
 
 class PagerStore:
@@ -58,7 +59,7 @@ class PagerStore:
         self.pager.open_session(key[0], key[1])
         self.pager.store(key[0], key[1], list(hashes), list(state.blocks), partial_tail=partial)
         with self._lock:
-            self._parked[key] = _Parked(state.model, state.tokens, state.block_tokens, hashes)
+            self._parked[key] = _Parked(state.model, state.tokens, state.block_tokens, hashes, state.nbytes)
         return self.tier(key)
 
     def get(self, key: Key) -> tuple[KVState | None, str]:
@@ -80,6 +81,12 @@ class PagerStore:
             return "none"
         found = self.pager.lookup(key[0], key[1], list(hashes[:1]))
         return self.tier_names[found.tiers[0]] if found.tiers else "none"
+
+    def nbytes(self, key: Key) -> int:
+        """Size of the state as parked (some of its pages may since have left every tier)."""
+        with self._lock:
+            parked = self._parked.get(key)
+        return parked.nbytes if parked else 0
 
     def drop(self, key: Key) -> None:
         """Forget the session's pages; they stay as cache for its siblings until the policy evicts them."""

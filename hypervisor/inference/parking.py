@@ -16,9 +16,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hypervisor.inference.backends import KVState
+
+if TYPE_CHECKING:
+    from hypervisor.kvpager.cost import RestoreCost
 
 log = logging.getLogger("neuraos.inference")
 
@@ -34,6 +37,8 @@ class StateStore(Protocol):
     def drop(self, key: Key) -> None: ...
 
     def tier(self, key: Key) -> str: ...
+
+    def nbytes(self, key: Key) -> int: ...  # size of the parked state (0: none), known without reading it
 
     def usage(self) -> dict[str, dict[str, int]]: ...
 
@@ -80,11 +85,14 @@ class ParkingStore:
 
     `ram_bytes=0` parks straight to NVMe (how the live benchmark measures NVMe restores);
     `nvme_dir=None` keeps RAM only. A state that fits nowhere is dropped (it will be re-prefilled).
+    With `cost` (a `RestoreCost`), NVMe keeps a state only while reading it back is measured
+    cheaper than prefilling it again.
     """
 
     def __init__(self, ram_bytes: int = 1 << 30, nvme_dir: Path | None = None, nvme_bytes: int = 8 << 30,
-                 durable: bool = True) -> None:
+                 durable: bool = True, cost: RestoreCost | None = None) -> None:
         self.durable = durable
+        self.cost = cost
         self.ram = _Tier(ram_bytes)
         self.nvme = _Tier(nvme_bytes if nvme_dir is not None else 0)
         self.nvme_dir = nvme_dir
@@ -115,6 +123,9 @@ class ParkingStore:
             return "nvme" if self._to_nvme(key, blob) else "none"
 
     def _to_nvme(self, key: Key, blob: bytes) -> bool:
+        if self.cost is not None and self.nvme.capacity and not self.cost.worth_keeping("nvme", key):
+            log.info("kv: %s/%s is cheaper to re-prefill than to read back from NVMe; not kept", *key)
+            return False
         if len(blob) > self.nvme.capacity:
             log.info("kv: %s/%s fits no tier (%d bytes); it will be re-prefilled", *key, len(blob))
             return False
@@ -153,6 +164,10 @@ class ParkingStore:
     def tier(self, key: Key) -> str:
         with self._lock:
             return "ram" if key in self.ram.items else "nvme" if key in self.nvme.items else "none"
+
+    def nbytes(self, key: Key) -> int:
+        with self._lock:
+            return self.ram.items.get(key) or self.nvme.items.get(key) or 0
 
     def drop(self, key: Key) -> None:
         with self._lock:

@@ -32,6 +32,8 @@ from hypervisor.link._gen import link_pb2
 if TYPE_CHECKING:
     import numpy as np
 
+    from hypervisor.kvpager.cost import RestoreCost
+
 log = logging.getLogger("neuraos.inference")
 
 SERVICE = link_pb2.DESCRIPTOR.services_by_name["Models"].full_name
@@ -117,15 +119,17 @@ class GuestCounters:
 class ModelService:
     def __init__(self, backend: Backend | None, embedder: EmbedBatcher | None = None,
                  config: ServiceConfig = ServiceConfig(), store: StateStore | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cost: RestoreCost | None = None) -> None:
         self.backend = backend
         self.embedder = embedder
         self.config = config
         self.store = store
         self.clock = clock
+        self.cost = cost  # measured restore vs re-prefill costs: decides how a parked session returns
         self.sessions = SessionTable(clock)
         info = backend.info() if backend is not None else None
-        self.pool = SlotPool(backend, info.slots, store, clock) if info is not None and info.kv_state else None
+        self.pool = (SlotPool(backend, info.slots, store, clock, cost=cost)
+                     if info is not None and info.kv_state else None)
         self._limits: dict[str, GuestLimits] = {}
         self._counters: dict[str, GuestCounters] = {}
         self._lock = threading.Lock()
@@ -240,9 +244,12 @@ class ModelService:
             first_ms = None
             text = []
             last = None
+            t_engine = time.perf_counter()  # from here to the first token: the engine's prefill
+            prefill_s = 0.0
             for piece in self.backend.stream(prompt, params, slot):
                 if first_ms is None:
                     first_ms = (time.perf_counter() - t0) * 1000
+                    prefill_s = time.perf_counter() - t_engine
                 if piece.done:
                     last = piece
                     break
@@ -256,6 +263,8 @@ class ModelService:
                 return
             if last.text:
                 text.append(last.text)
+            if self.cost is not None:
+                self.cost.observe_prefill(last.prompt_tokens - last.cached_tokens, prefill_s)
             answer = "".join(text)
             if session.raw:
                 session.text = prompt + answer
@@ -338,6 +347,7 @@ class ModelService:
             "slots": self.pool.occupancy() if self.pool is not None else [],
             "tiers": self.store.usage() if self.store is not None else {},
             "restores": dict(self.pool.restores) if self.pool is not None else {},
+            "restore_cost": self.cost.snapshot() if self.cost is not None else None,
             "guests": guests,
         }
 

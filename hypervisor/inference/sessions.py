@@ -16,16 +16,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from hypervisor.inference.backends import Backend, Message
 from hypervisor.inference.errors import InferenceError, InvalidRequest, QuotaExceeded, SessionBusy, SessionNotFound
 from hypervisor.errors import NeuraError
 from hypervisor.inference.parking import Key, StateStore
 
+if TYPE_CHECKING:
+    from hypervisor.kvpager.cost import RestoreCost
+
 log = logging.getLogger("neuraos.inference")
 
-KV_SOURCES = ("fresh", "slot", "ram", "nvme", "prefill")  # where a request's KV prefix came from
+KV_SOURCES = ("fresh", "slot", "ram", "nvme", "prefill", "recompute")  # where a request's KV prefix came from
+# "prefill": the state was lost (never parked, evicted, corrupt); "recompute": it was parked, but
+# the measured costs said prefilling it again is faster than reading it back from its tier
 
 
 @dataclass
@@ -103,13 +108,17 @@ class SlotPool:
 
     `store=None` parks nothing: a displaced session is re-prefilled when it returns (the
     baseline the pager is measured against). `reuse_guest_prefix=False` also clears a slot
-    between sessions of the same guest (a pure re-prefill baseline).
+    between sessions of the same guest (a pure re-prefill baseline). With `cost`, every restore
+    is timed into it, and a parked state comes back by restore or by re-prefill, whichever it
+    measures cheaper for that tier and size.
     """
 
     def __init__(self, backend: Backend, slots: int, store: StateStore | None,
-                 clock: Callable[[], float] = time.monotonic, reuse_guest_prefix: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, reuse_guest_prefix: bool = True,
+                 cost: RestoreCost | None = None) -> None:
         self.backend = backend
         self.store = store
+        self.cost = cost
         self.clock = clock
         self.reuse_guest_prefix = reuse_guest_prefix
         self._owners: list[Session | None] = [None] * slots
@@ -117,6 +126,7 @@ class SlotPool:
         self._cond = threading.Condition()
         self.parked_bytes = 0
         self.restores = {"ram": 0, "nvme": 0}
+        self.recomputes = 0  # parked states re-prefilled by choice (cheaper than their tier)
 
     @property
     def slots(self) -> int:
@@ -160,6 +170,8 @@ class SlotPool:
         except NeuraError as exc:  # parking is an optimisation: the victim re-prefills instead
             log.warning("kv: could not park %s/%s: %s", *victim.key, exc)
             return
+        if self.cost is not None:
+            self.cost.observe_state(state.nbytes, len(state.tokens))
         self.parked_bytes += state.nbytes
 
     def _load(self, slot: int, session: Session) -> str:
@@ -169,6 +181,11 @@ class SlotPool:
             self.backend.clear(slot)
         if self.store is None or session.turns == 0:
             return lost
+        if self.cost is not None and not self._worth_restoring(session):
+            self.store.drop(session.key)  # the slot's prefill replaces it; parked again when displaced
+            self.recomputes += 1
+            return "recompute"
+        t0 = time.perf_counter()
         state, tier = self.store.get(session.key)
         if state is None:
             return lost
@@ -177,9 +194,22 @@ class SlotPool:
         except InferenceError:
             self.backend.clear(slot)
             return lost
+        if self.cost is not None:
+            self.cost.observe_restore(tier, state.nbytes, time.perf_counter() - t0, len(state.tokens))
         self.store.drop(session.key)  # it lives in the slot now
         self.restores[tier] = self.restores.get(tier, 0) + 1
         return tier
+
+    def _worth_restoring(self, session: Session) -> bool:
+        """Ask the cost model: read the parked state back, or prefill the session's tokens again?"""
+        assert self.cost is not None and self.store is not None
+        tier, nbytes = self.store.tier(session.key), self.store.nbytes(session.key)
+        if tier == "none" or nbytes <= 0:
+            return True  # nothing to weigh: `get` finds it missing and the turn re-prefills
+        choice = self.cost.choose(tier, nbytes, session.tokens)
+        log.debug("kv: %s/%s from %s: %s (restore %s s, prefill %s s)", *session.key, tier,
+                  "restore" if choice.restore else "re-prefill", choice.restore_s, choice.prefill_s)
+        return choice.restore
 
     def release(self, session: Session) -> None:
         with self._cond:

@@ -6,6 +6,7 @@ LFU and ARC as baselines; Belady's optimal only in `simulate`), and the tiers
 store the bytes with enforced capacities.
 """
 
+from hypervisor.kvpager.cost import CostAdmission, CostChoice, RestoreCost
 from hypervisor.kvpager.pager import KVPager, Move, Placement, PrefixLookup, SessionAccessDenied, UnknownSession
 from hypervisor.kvpager.pages import BLOCK_TOKENS, Access, PageKey, SessionKey
 from hypervisor.kvpager.policy import (
@@ -18,11 +19,13 @@ from hypervisor.kvpager.policy import (
     ReuseModel,
     SessionHints,
 )
-from hypervisor.kvpager.tiers import KVPagerError, MemoryTier, NvmeTier, PageWriteError, Tier, TierFull
+from hypervisor.kvpager.tiers import KVPagerError, MemoryTier, NvmeTier, PageWriteError, SlowTier, Tier, TierFull
 
 __all__ = [
-    "ARCPolicy", "Access", "BLOCK_TOKENS", "BeladyPolicy", "EvictionPolicy", "KVPager", "KVPagerError", "LFUPolicy",
+    "ARCPolicy", "Access", "BLOCK_TOKENS", "BeladyPolicy", "CostAdmission", "CostChoice", "EvictionPolicy",
+    "KVPager", "KVPagerError", "LFUPolicy",
     "LRUPolicy", "MemoryTier", "Move", "NvmeTier", "PageKey", "PageWriteError", "Placement", "PrefixLookup",
-    "RelevancePolicy", "ReuseModel", "SessionAccessDenied", "SessionHints", "SessionKey", "Tier", "TierFull",
+    "RelevancePolicy", "RestoreCost", "ReuseModel", "SessionAccessDenied", "SessionHints", "SessionKey", "SlowTier",
+    "Tier", "TierFull",
     "UnknownSession",
 ]

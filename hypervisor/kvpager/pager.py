@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
+from hypervisor.kvpager.cost import CostAdmission, RestoreCost
 from hypervisor.kvpager.pages import Access, BlockHash, PageKey, SessionKey
 from hypervisor.kvpager.policy import (
     AccessObserver,
@@ -227,10 +228,16 @@ class KVPager:
         self._worker: threading.Thread | None = None
 
     @classmethod
-    def relevance(cls, tiers: Sequence[Tier], **kwargs: object) -> KVPager:
-        """The NeuraOS wiring: one shared reuse model and hint table, a relevance policy per tier."""
+    def relevance(cls, tiers: Sequence[Tier], cost: RestoreCost | None = None, **kwargs: object) -> KVPager:
+        """The NeuraOS wiring: one shared reuse model and hint table, a relevance policy per tier.
+
+        With `cost`, a tier keeps a page only while reading it back is measured cheaper than
+        prefilling it again (`CostAdmission`).
+        """
         model, hints = ReuseModel(), SessionHints()
-        policies = [RelevancePolicy(model, hints) for _ in tiers]
+        policies: list[EvictionPolicy] = [RelevancePolicy(model, hints) for _ in tiers]
+        if cost is not None:
+            policies = [CostAdmission(p, cost, t.name) for p, t in zip(policies, tiers)]
         return cls(tiers, policies, observers=[model], hints=hints, **kwargs)  # type: ignore[arg-type]
 
     # -- lifetime

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,6 +193,26 @@ class NvmeTier(Tier):
 
     def _delete(self, key: PageKey) -> None:
         self.path(key).unlink(missing_ok=True)
+
+
+class SlowTier(NvmeTier):
+    """Page files read back at no more than `read_mib_per_s`: a slower device, emulated.
+
+    The bytes still go through a real file and its checksum; each read then waits until it has
+    taken as long as the capped bandwidth allows. It stands for network storage or a busy disk
+    in benchmarks and tests of the restore-or-recompute choice (this machine has one fast disk).
+    """
+
+    def __init__(self, name: str, capacity_bytes: int, directory: Path, read_mib_per_s: float) -> None:
+        super().__init__(name, capacity_bytes, directory)
+        self.read_mib_per_s = read_mib_per_s
+
+    def _load(self, key: PageKey) -> bytes | None:
+        t0 = time.perf_counter()
+        data = super()._load(key)
+        if data is not None and self.read_mib_per_s > 0:
+            time.sleep(max(0.0, len(data) / (self.read_mib_per_s * 2**20) - (time.perf_counter() - t0)))
+        return data
 
 
 def _fsync_dir(directory: Path) -> None:

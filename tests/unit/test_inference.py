@@ -525,3 +525,43 @@ def test_embedding_tokens_cost_a_fraction_of_the_quota_of_llm_tokens(batcher, ma
     # Charged (not free), at the embedding weight (not as LLM tokens); the bucket starts full, so
     # refills during the call cannot hide the charge.
     assert 0.5 * 5_000 * weight < spent < 5_100 * weight + 50
+
+
+@needs_llm
+def test_a_session_parked_on_a_slow_tier_is_re_prefilled_with_the_same_answer(backend, tmp_path) -> None:
+    """The service times its own restores and prefills, and brings a session back the cheaper way.
+
+    The "NVMe" tier here reads at a capped bandwidth (SlowTier), set from the prefill speed the
+    service measured on its first turns so that a restore takes ~4x a re-prefill on this machine
+    at its current load. RAM, reading at memory speed, is always worth restoring from.
+    """
+    from hypervisor.inference.pager_store import PagerStore
+    from hypervisor.kvpager import KVPager, MemoryTier, RestoreCost, SlowTier
+
+    def run(tier: str) -> tuple[list[str], list[str], RestoreCost]:
+        cost = RestoreCost(explore_every=1000)
+        slow = SlowTier("nvme", 512 << 20, tmp_path / tier, read_mib_per_s=0)
+        pager = KVPager.relevance([MemoryTier("ram", (256 << 20) if tier == "ram" else 0), slow], cost=cost)
+        service = ModelService(backend, None, ServiceConfig(), store=PagerStore(pager, ["ram", "nvme"]), cost=cost)
+        answers, sources = [], []
+        for step, sid in enumerate("abcabc"):  # 3 sessions, 2 slots: every return is a displaced session
+            if step == 3 and tier == "nvme":
+                tok_s, kv = cost.prefill_tok_per_s(), cost.snapshot()["kv_bytes_per_token"]
+                assert tok_s and kv
+                slow.read_mib_per_s = kv * tok_s / 4 / 2**20
+            chunks = list(service.complete("g", CompleteArgs(prompt=f"Session {sid}, step {step}: {ROOM[:250]}"
+                                                             if step < 3 else "Which guest moved last?",
+                                                             session=sid, max_tokens=4)))
+            answers.append("".join(c.text for c in chunks))
+            sources.append(chunks[-1].usage.kv_source)
+        return answers, sources, cost
+
+    fast_answers, fast_sources, fast_cost = run("ram")
+    assert fast_sources[3:] == ["ram", "ram", "ram"]
+    slow_answers, slow_sources, slow_cost = run("nvme")
+    # "a" is restored (the tier is unmeasured) and timed; "b", parked before that, is then re-prefilled
+    # by choice; "c", displaced after it, was never kept on a tier measured slower than recomputing
+    assert slow_sources[3:] == ["nvme", "recompute", "prefill"], slow_sources
+    assert slow_cost.decisions["recompute"] == 1 and fast_cost.decisions["recompute"] == 0
+    assert slow_answers == fast_answers  # same greedy answers either way
+    assert slow_cost.worth_keeping("nvme") is False and fast_cost.worth_keeping("ram")
