@@ -4,11 +4,11 @@ A diagnostic that reads the future on purpose (it is never a policy): each block
 whether it is used again anywhere in the trace, and a synthetic predictor of a chosen AUC
 scores it as label*d + noise (d = sqrt(2) * probit(AUC)); its score, cut into NB quantile
 buckets, splits the relevance policy's page classes for first-seen blocks, exactly as the
-online-trained predictor of kvpager_study_learned.py does. `req` draws one noise value per
+online-trained predictor of studies/kvpager_learned.py does. `req` draws one noise value per
 request for all the blocks it brings first (errors consistent along a prefix chain, as any
 request-level predictor's are); without it each block gets its own noise.
 
-    python benchmarks/kvpager_study_ceiling.py AUC NB HORIZON_S [req]
+    python benchmarks/studies/kvpager_ceiling.py AUC NB HORIZON_S [req]
 
 Results (2026-11-26, 10% fast tier, Mooncake conversation trace; LRU 0.2789, Belady 0.3664,
 plain relevance policy 0.2983 = 22% of the gap), hit rate / share of the gap closed:
@@ -21,7 +21,7 @@ So the goal needs a predictor of whether a first-seen block returns at AUC ~0.9;
 one found here reaches ~0.60 (the best single feature 0.56-0.67).
 """
 import sys, time, math
-sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2]))
 import numpy as np
 from statistics import NormalDist
 import hypervisor.kvpager.policy as P

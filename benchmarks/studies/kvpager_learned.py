@@ -15,7 +15,7 @@ the reuse model's page classes for first-seen blocks (so each bucket learns its 
 curve over age). Hit rates are reported for the whole trace and for each half; `off` runs the
 same code with no classifier (the plain relevance policy) for the same split.
 
-    python benchmarks/kvpager_study_learned.py H NB REFIT [off]
+    python benchmarks/studies/kvpager_learned.py H NB REFIT [off]
 Results (2026-11-26, 10% fast tier, whole trace / second half): plain relevance policy
 0.2983 / 0.3122; H=900 s, 4 buckets: 0.2933 overall; H=1800 s, 2 buckets: 0.2955 / 0.3064.
 The classifier reached only AUC ~0.60 on held-out blocks (GBM, trained on the first half,
@@ -26,7 +26,7 @@ judged low breaks the chain behind it (kvpager_study_ceiling.py); but even with 
 consistent along a request, a predictor of AUC 0.6-0.7 gives 0.2974-0.2996 there: no gain.
 """
 import sys, time, math, bisect
-sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[2]))
 from pathlib import Path
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
