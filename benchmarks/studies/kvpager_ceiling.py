@@ -28,6 +28,8 @@ import hypervisor.kvpager.policy as P
 from benchmarks.contract import DATASETS
 from hypervisor.kvpager.simulate import load_trace, distinct_blocks, Placement, Access, BLOCK_TOKENS
 from hypervisor.kvpager.policy import ReuseModel, RelevancePolicy, PageClass
+if len(sys.argv) < 4:
+    sys.exit(f"usage: {sys.argv[0]} AUC NB HORIZON_S [req]")
 auc=float(sys.argv[1]); NB=int(sys.argv[2]); HZ=float(sys.argv[3])
 d=math.sqrt(2)*NormalDist().inv_cdf(auc) if auc<1 else 50.0
 reqs=load_trace(DATASETS/'mooncake-traces'/'conversation_trace.jsonl')

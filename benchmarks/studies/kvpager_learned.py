@@ -22,7 +22,7 @@ The classifier reached only AUC ~0.60 on held-out blocks (GBM, trained on the fi
 tested on the second, "ever returns" label), and splitting classes by it cost more in noisier
 survival curves than it gained: worse, not better. LRU 0.2789, Belady 0.3664 on the whole trace.
 Part of the loss is that its depth features score a request's blocks differently, and one block
-judged low breaks the chain behind it (kvpager_study_ceiling.py); but even with errors kept
+judged low breaks the chain behind it (kvpager_ceiling.py); but even with errors kept
 consistent along a request, a predictor of AUC 0.6-0.7 gives 0.2974-0.2996 there: no gain.
 """
 import sys, time, math, bisect
