@@ -13,7 +13,7 @@ from hypervisor.link.server import LinkServer
 from hypervisor.security.actions import ActionPump, release
 from hypervisor.security.alerts import AlertStore
 from neuraos_agent.monitor.collector import (
-    BoundedEvents, CollectorStats, Connected, Exec, Exited, Opened, Sent, Syscall, parse_line,
+    SCRIPT, BoundedEvents, Calls, CollectorStats, Connected, Exec, Exited, Opened, Sent, Syscall, parse_line,
 )
 from neuraos_agent.monitor.engine import Monitor, MonitorConfig
 from neuraos_agent.monitor.identity import unit_of
@@ -40,6 +40,37 @@ def test_lines_parse_into_events_and_garbage_does_not() -> None:
     assert parse_line(b"S 1 2 x 4 5 c") is None and parse_line(b"Attaching 7 probes...") is None
     # a line a process forged with a newline in its comm or a path lacks the nonce
     assert parse_line(b"ab12 X 10", b"ab12") == Exited(10) and parse_line(b"X 10", b"ab12") is None
+
+
+def _window_line(tgid: int, uid: int, nrs: list[int], comm: str) -> bytes:
+    """A W line as the kernel side packs it: call i in bits 16*(i%4) of slot i//4."""
+    slots = [0] * 8
+    for i, nr in enumerate(nrs):
+        slots[i // 4] |= nr << (16 * (i % 4))
+    return f"W {tgid} {uid} {len(nrs)} {' '.join(map(str, slots))} {comm}".encode()
+
+
+def test_window_lines_unpack_into_calls_in_order() -> None:
+    nrs = [0, 1, 257, 3, 59, 435, 231, 60] * 4
+    assert parse_line(_window_line(7, 1000, nrs, "my prog")) == Calls(7, 1000, "my prog", tuple(nrs))
+    assert parse_line(_window_line(7, 0, nrs[:5], "sh")) == Calls(7, 0, "sh", tuple(nrs[:5]))
+    assert parse_line(b"W 7 0 33 0 0 0 0 0 0 0 0 sh") is None and parse_line(b"W 7 0 0 0 0 0 0 0 0 0 0 sh") is None
+    assert parse_line(b"W 7 0 3 1 2") is None
+    # the kernel side flushes at 32 calls, at exec and at exit, and forgets a process at exit
+    assert SCRIPT.count('printf("W ') == 3 and "$n == 32" in SCRIPT and "delete(@w[pid, 7])" in SCRIPT
+
+
+def test_windows_of_calls_feed_the_monitor_as_single_syscalls_do(tmp_path: Path) -> None:
+    nr = {v: k for k, v in X86_64.items()}
+    calls = [nr[n] for n in LOOP * 40]
+    singles = Monitor(MonitorConfig(state_dir=tmp_path / "a", model_path=MODEL), on_alert=lambda a: None)
+    batched = Monitor(MonitorConfig(state_dir=tmp_path / "b", model_path=MODEL), on_alert=lambda a: None)
+    singles.process(_events(5, LOOP * 40) + [(0.0, Exited(5))])
+    batched.process([(0.0, Calls(5, 0, "svc", tuple(calls[i:i + 32]))) for i in range(0, len(calls), 32)]
+                    + [(0.0, Exited(5))])
+    (a,), (b,) = singles._baselines.values(), batched._baselines.values()
+    assert a.windows == b.windows == 8  # 7 full windows and the last 16 calls at exit
+    assert a.ngrams == b.ngrams and a.calls == b.calls
 
 
 def test_bounded_queue_drops_and_counts() -> None:

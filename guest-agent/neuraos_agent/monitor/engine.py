@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from neuraos_agent.monitor.collector import (
-    BpftraceCollector, Connected, Event, Exec, Exited, Opened, Sent, Syscall,
+    BpftraceCollector, Calls, Connected, Event, Exec, Exited, Opened, Sent, Syscall,
 )
 from neuraos_agent.monitor.contain import Containment, ContainError
 from neuraos_agent.monitor.identity import ProcessInfo, process_info
@@ -239,7 +239,14 @@ class Monitor:
         ready: list[tuple[_Proc, list[str], float]] = []
         W = self.window
         for at, ev in batch:
-            if isinstance(ev, Syscall):
+            if isinstance(ev, Calls):
+                p = self._proc(ev.tgid, ev.uid, ev.comm)
+                p.pending.extend(model_name(nr) for nr in ev.nrs)
+                while len(p.pending) >= W:
+                    ready.append((p, p.pending[:W], at))
+                    del p.pending[:W]
+                self.stats.syscalls += len(ev.nrs)
+            elif isinstance(ev, Syscall):
                 p = self._proc(ev.tgid, ev.uid, ev.comm)
                 p.pending.append(model_name(ev.nr))
                 if len(p.pending) >= W:
