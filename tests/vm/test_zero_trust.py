@@ -166,7 +166,7 @@ class Bounded:
             ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=10 "
                            "-o LogLevel=ERROR -o ServerAliveInterval=10 -o ServerAliveCountMax=6")
 
-    def run(self, cmd: str, timeout: int = 60):
+    def run(self, cmd: str, timeout: int = 300):  # the agent's CLI alone imports numpy: ~40 s under TCG
         return self.t.run(f"timeout -k 5 {timeout} sh -c {shlex.quote(cmd)}")
 
 
