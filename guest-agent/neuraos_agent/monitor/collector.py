@@ -245,6 +245,7 @@ class BpftraceCollector:
         self.bpftrace = bpftrace or shutil.which("bpftrace") or "/usr/bin/bpftrace"
         self.ring_pages = ring_pages
         self.attached = threading.Event()
+        self.tids: set[int] = set()  # native ids of the threads doing the monitor's work (CPU accounting)
         self.proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -306,6 +307,7 @@ class BpftraceCollector:
 
     def _read_stdout(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
+        self.tids.add(threading.get_native_id())
         try:
             os.setpriority(os.PRIO_PROCESS, 0, -15)  # this reader thread (Linux: per thread)
         except OSError:
@@ -338,6 +340,7 @@ class BpftraceCollector:
 
     def _read_stderr(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
+        self.tids.add(threading.get_native_id())
         for line in proc.stderr:
             if (m := _LOST.search(line)) is not None:
                 self.stats.lost_kernel += int(m.group(1))

@@ -122,7 +122,8 @@ class MonitorStats:
     reach_only: int = 0  # processes that reached new folders / destinations, behaving as learned: not held
     max_batch: int = 0
     queue_len: int = 0
-    cpu_s: float = 0.0  # this process's CPU time (user + system) since it started
+    cpu_s: float = 0.0  # this process's CPU time (user + system) since it started: the whole agent
+    monitor_cpu_s: float = 0.0  # the monitor's own threads in it (judge loop, bpftrace readers)
     bpftrace_cpu_s: float = 0.0
     collector: dict = field(default_factory=dict)
     last_freeze_ms: float = -1.0
@@ -217,6 +218,7 @@ class Monitor:
     # -- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.collector.tids.add(threading.get_native_id())  # its CPU time is the monitor's
         _raise_priority()
         next_sync = time.monotonic()
         while not self._stop.is_set():
@@ -486,6 +488,7 @@ class Monitor:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         st.cpu_s = ru.ru_utime + ru.ru_stime
         st.bpftrace_cpu_s = _cpu_of(self.collector.child_pid)
+        st.monitor_cpu_s = sum(_cpu_of(os.getpid(), tid) for tid in list(self.collector.tids))
         st.queue_len = len(self.collector.queue)
         st.collector = asdict(self.collector.stats)
         doc = asdict(st) | {"at_unix": time.time(), "attached": self.collector.attached.is_set(),
@@ -506,11 +509,13 @@ def _raise_priority(nice: int = -15) -> None:
         log.warning("monitor: cannot raise priority: %s", exc)
 
 
-def _cpu_of(pid: int | None) -> float:
+def _cpu_of(pid: int | None, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process, or of one of its threads."""
     if pid is None:
         return 0.0
     try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+        f = Path(path).read_text().rsplit(") ", 1)[1].split()
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
