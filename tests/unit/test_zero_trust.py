@@ -42,19 +42,19 @@ def test_lines_parse_into_events_and_garbage_does_not() -> None:
     assert parse_line(b"ab12 X 10", b"ab12") == Exited(10) and parse_line(b"X 10", b"ab12") is None
 
 
-def _window_line(tgid: int, uid: int, nrs: list[int], comm: str) -> bytes:
+def _window_line(tgid: int, uid: int, nrs: list[int], comm: str, nbytes: int = 0) -> bytes:
     """A W line as the kernel side packs it: call i in bits 16*(i%4) of slot i//4."""
     slots = [0] * 8
     for i, nr in enumerate(nrs):
         slots[i // 4] |= nr << (16 * (i % 4))
-    return f"W {tgid} {uid} {len(nrs)} {' '.join(map(str, slots))} {comm}".encode()
+    return f"W {tgid} {uid} {len(nrs)} {' '.join(map(str, slots))} {nbytes} {comm}".encode()
 
 
 def test_window_lines_unpack_into_calls_in_order() -> None:
     nrs = [0, 1, 257, 3, 59, 435, 231, 60] * 4
     assert parse_line(_window_line(7, 1000, nrs, "my prog")) == Calls(7, 1000, "my prog", tuple(nrs))
-    assert parse_line(_window_line(7, 0, nrs[:5], "sh")) == Calls(7, 0, "sh", tuple(nrs[:5]))
-    assert parse_line(b"W 7 0 33 0 0 0 0 0 0 0 0 sh") is None and parse_line(b"W 7 0 0 0 0 0 0 0 0 0 0 sh") is None
+    assert parse_line(_window_line(7, 0, nrs[:5], "sh", 4096)) == Calls(7, 0, "sh", tuple(nrs[:5]), 4096)
+    assert parse_line(b"W 7 0 33 0 0 0 0 0 0 0 0 0 sh") is None and parse_line(b"W 7 0 0 0 0 0 0 0 0 0 0 0 sh") is None
     assert parse_line(b"W 7 0 3 1 2") is None
     # the kernel side flushes at 32 calls, at exec and at exit, and forgets a process at exit
     assert SCRIPT.count('printf("W ') == 3 and "$n == 32" in SCRIPT and "delete(@w[pid, 7])" in SCRIPT

@@ -23,12 +23,13 @@ line, which anyone can read): a line without the nonce is counted as malformed, 
 taken as an event.
 
 Lines (fields separated by one space; comm and paths last, they may hold spaces):
-  W tgid uid n w0 .. w7 comm         n (1-32) syscalls entered, in order (x86-64 numbers,
-                                     call i in bits 16*(i%4) of w(i//4))
+  W tgid uid n w0 .. w7 bytes comm   n (1-32) syscalls entered, in order (x86-64 numbers,
+                                     call i in bits 16*(i%4) of w(i//4)), and the bytes handed
+                                     to tcp_sendmsg / udp_sendmsg since the last W line
   S tgid tid uid cgroup nr comm      one syscall entered (the unbatched form, still read)
   O tgid path                        openat's path
   C tgid family addr port            a TCP connect (SYN sent)
-  B tgid bytes                       bytes handed to tcp_sendmsg / udp_sendmsg
+  B tgid bytes                       bytes sent (the unbatched form, still read)
   E tgid path                        exec (the new image)
   X tgid                             the process exited
 """
@@ -50,9 +51,9 @@ from typing import NamedTuple
 
 log = logging.getLogger("neuraos.monitor")
 
-_FLUSH = ('printf("W %d %d %d %llu %llu %llu %llu %llu %llu %llu %llu %s\\n", pid, uid, $n, '
-          + ", ".join(f"@w[pid, {i}]" for i in range(8)) + ", comm);")
-_DROP = "delete(@n[pid]); " + " ".join(f"delete(@w[pid, {i}]);" for i in range(8))
+_FLUSH = ('printf("W %d %d %d %llu %llu %llu %llu %llu %llu %llu %llu %llu %s\\n", pid, uid, $n, '
+          + ", ".join(f"@w[pid, {i}]" for i in range(8)) + ", @b[pid], comm); @b[pid] = 0;")
+_DROP = "delete(@n[pid]); delete(@b[pid]); " + " ".join(f"delete(@w[pid, {i}]);" for i in range(8))
 
 SCRIPT = r"""
 tracepoint:raw_syscalls:sys_enter /pid != $1 && pid != $2/ {
@@ -78,7 +79,7 @@ tracepoint:sock:inet_sock_set_state /args->newstate == 2 && args->family == 10 &
   printf("C %d 6 %s %d\n", pid, ntop(args->daddr_v6), args->dport);
 }
 kprobe:tcp_sendmsg, kprobe:udp_sendmsg /pid != $1 && pid != $2/ {
-  printf("B %d %d\n", pid, arg2);
+  @b[pid] = @b[pid] + arg2;
 }
 tracepoint:sched:sched_process_exec /pid != $1 && pid != $2/ {
   $n = @n[pid];
@@ -92,7 +93,7 @@ tracepoint:sched:sched_process_exit /pid == tid && pid != $1 && pid != $2/ {
   DROP
   printf("X %d\n", pid);
 }
-END { clear(@n); clear(@w); }
+END { clear(@n); clear(@w); clear(@b); }
 """.replace("FLUSH", _FLUSH).replace("DROP", _DROP)
 
 
@@ -112,6 +113,7 @@ class Calls(NamedTuple):
     uid: int
     comm: str
     nrs: tuple[int, ...]
+    nbytes: int = 0  # sent (tcp/udp) since its previous Calls
 
 
 class Opened(NamedTuple):
@@ -157,13 +159,13 @@ def parse_line(line: bytes, nonce: bytes = b"") -> Event | None:
         text = line.rstrip(b"\n").decode("utf-8", "replace")
         kind, _, rest = text.partition(" ")
         if kind == "W":
-            f = rest.split(" ", 11)
+            f = rest.split(" ", 12)
             n = int(f[2])
-            if len(f) != 12 or not 0 < n <= 32:
+            if len(f) != 13 or not 0 < n <= 32:
                 return None
             slots = [int(x) for x in f[3:11]]
             nrs = tuple((slots[i >> 2] >> (16 * (i & 3))) & 0xFFFF for i in range(n))
-            return Calls(int(f[0]), int(f[1]), f[11], nrs)
+            return Calls(int(f[0]), int(f[1]), f[12], nrs, max(0, int(f[11])))
         if kind == "S":
             f = rest.split(" ", 5)
             return Syscall(int(f[0]), int(f[1]), int(f[2]), int(f[3]), int(f[4]), f[5] if len(f) > 5 else "")

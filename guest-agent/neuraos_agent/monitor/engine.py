@@ -70,6 +70,7 @@ class MonitorConfig:
     model_cpu: float = 0.02  # share of one CPU the syscall model may use
     model_batch: int = 16  # windows scored together at most
     sync_s: float = 2.0
+    batch_s: float = 0.02  # judge at most this often: each wake-up is a thread switch, dear under TCG
 
 
 @dataclass
@@ -120,6 +121,7 @@ class MonitorStats:
     contain_errors: int = 0
     behaviour_only: int = 0  # processes whose behaviour deviated, sustained, with no new reach: not held
     reach_only: int = 0  # processes that reached new folders / destinations, behaving as learned: not held
+    batches: int = 0
     max_batch: int = 0
     queue_len: int = 0
     cpu_s: float = 0.0  # this process's CPU time (user + system) since it started: the whole agent
@@ -175,6 +177,7 @@ class Monitor:
         self._lock = threading.Lock()  # release/kill come from the link's thread
         self._thread: threading.Thread | None = None
         self._alert_seq = 0
+        self._generation: str | None = None  # the profile store's, at the last sync
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -229,6 +232,7 @@ class Monitor:
                         self.process(batch)
                 except Exception:  # one bad batch must not end the monitor
                     log.exception("monitor: batch failed")
+                self._stop.wait(self.config.batch_s)
             if time.monotonic() >= next_sync:
                 self._sync()
                 next_sync = time.monotonic() + self.config.sync_s
@@ -237,6 +241,7 @@ class Monitor:
         """Apply a batch of (arrival, event); judge or learn every window completed. Returns
         how many windows completed. Public for tests."""
         self.stats.events += len(batch)
+        self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
         ready: list[tuple[_Proc, list[str], float]] = []
         W = self.window
@@ -244,6 +249,7 @@ class Monitor:
             if isinstance(ev, Calls):
                 p = self._proc(ev.tgid, ev.uid, ev.comm)
                 p.pending.extend(model_name(nr) for nr in ev.nrs)
+                p.bytes_out += ev.nbytes
                 while len(p.pending) >= W:
                     ready.append((p, p.pending[:W], at))
                     del p.pending[:W]
@@ -466,10 +472,14 @@ class Monitor:
                 self.stats.mode = mode
         except OSError:
             pass
+        generation = self.store.generation()
+        rescan, self._generation = generation != self._generation, generation
         with self._lock:
             for key, b in list(self._baselines.items()):
+                if not rescan and key not in self._dirty:
+                    continue
                 try:
-                    versions = self.store.versions(key)
+                    versions = self.store.versions(key) if rescan else []
                     if versions and versions[-1] > b.version:  # frozen or reset by the operator
                         newer = self.store.load(key)
                         if newer is not None:

@@ -38,6 +38,7 @@ MAX_SCORES = 4096  # reservoir of process scores kept for calibration
 MAX_NGRAMS = 20000  # past this, n-grams seen once are pruned (counted in `pruned_ngrams`)
 MAX_DIRS = 20000  # folders kept per profile (past this, new ones are not learned)
 _DIGITS = re.compile(r"\d+")
+STAMP = "generation"  # rewritten by every save of a version
 
 
 def folder_of(path: str) -> str | None:
@@ -220,7 +221,16 @@ class ProfileStore:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(baseline.to_json()))
         os.replace(tmp, path)
+        (self.root / STAMP).write_text(f"{time.time_ns()}\n")
         return baseline.version
+
+    def generation(self) -> str:
+        """Changes whenever a version is saved: a running monitor rescans versions only then
+        (a scan of every profile's folder at every sync cost seconds of TCG vCPU a minute)."""
+        try:
+            return (self.root / STAMP).read_text()
+        except OSError:
+            return ""
 
     def save_draft(self, baseline: Baseline) -> None:
         """Keep a learning baseline's progress without making a version of it."""
