@@ -4,12 +4,13 @@ Each process (by tgid; an exec starts a new stream) is cut into windows of the m
 length (32 calls). What happens to a window depends on its profile's baseline
 (`profile.Baseline`, by user / service unit / executable):
 - learning: the window is learned (the baseline's draft is saved every few seconds);
-- frozen: the window is judged. A process is anomalous when it opens files in
-  `folder_bar` folders its profile never opened files in while learning (digit runs
-  count as one: /proc/N), or, after `min_windows` windows, its novelty (share of the
-  window's syscall 3-grams the profile never showed, smoothed over windows) is above
-  `novelty_bar`, or its model process score is above the profile's calibrated
-  threshold plus `margin` nats.
+- frozen: the window is judged, and the process's evidence goes to `verdict.judge`:
+  its novelty (share of the window's syscall 3-grams the profile never showed,
+  smoothed over windows), its model process score against the profile's calibrated
+  threshold, the folders it opened files in that the profile never used (digit runs
+  count as one: /proc/N) and the destinations it connected to that the profile never
+  used. Only sustained deviation in behaviour corroborated by new reach contains
+  (see `verdict.py` for why no single signal may).
 Novelty is a few dict lookups per window and judges every window in real time. The
 syscall model (numpy LSTM) costs far more per window (about 1.5 s per window in a TCG
 guest, milliseconds on KVM), so it runs on a CPU budget (`model_cpu`, a share of one
@@ -39,12 +40,13 @@ from pathlib import Path
 from typing import Callable
 
 from neuraos_agent.monitor.collector import (
-    BpftraceCollector, Connected, Event, Exec, Exited, Opened, Sent, Syscall,
+    BpftraceCollector, Calls, Connected, Event, Exec, Exited, Opened, Sent, Syscall,
 )
 from neuraos_agent.monitor.contain import Containment, ContainError
 from neuraos_agent.monitor.identity import ProcessInfo, process_info
 from neuraos_agent.monitor.profile import Baseline, ProfileError, ProfileKey, ProfileStore
 from neuraos_agent.monitor.scorer import SyscallModel
+from neuraos_agent.monitor.verdict import Rule, Track, judge
 from neuraos_agent.monitor.syscalls import model_name
 
 log = logging.getLogger("neuraos.monitor")
@@ -61,16 +63,14 @@ class MonitorConfig:
     state_dir: Path = STATE_DIR
     model_path: Path = MODEL_PATH
     mode: str = "observe"  # the default when <state>/mode is absent
-    min_windows: int = 4
-    margin: float = 0.5  # nats above the profile's calibrated threshold
-    novelty_bar: float = 0.4
-    folder_bar: int = 8
+    rule: Rule = field(default_factory=Rule)
     novelty_alpha: float = 0.3  # weight of the newest window in the smoothed novelty
     max_processes: int = 4096
     queue_events: int = 200_000
     model_cpu: float = 0.02  # share of one CPU the syscall model may use
     model_batch: int = 16  # windows scored together at most
     sync_s: float = 2.0
+    batch_s: float = 0.02  # judge at most this often: each wake-up is a thread switch, dear under TCG
 
 
 @dataclass
@@ -119,9 +119,13 @@ class MonitorStats:
     released: int = 0
     killed: int = 0
     contain_errors: int = 0
+    behaviour_only: int = 0  # processes whose behaviour deviated, sustained, with no new reach: not held
+    reach_only: int = 0  # processes that reached new folders / destinations, behaving as learned: not held
+    batches: int = 0
     max_batch: int = 0
     queue_len: int = 0
-    cpu_s: float = 0.0  # this process's CPU time (user + system) since it started
+    cpu_s: float = 0.0  # this process's CPU time (user + system) since it started: the whole agent
+    monitor_cpu_s: float = 0.0  # the monitor's own threads in it (judge loop, bpftrace readers)
     bpftrace_cpu_s: float = 0.0
     collector: dict = field(default_factory=dict)
     last_freeze_ms: float = -1.0
@@ -139,7 +143,9 @@ class _Proc:
     files: list[str] = field(default_factory=list)
     files_total: int = 0
     seen_files: set[str] = field(default_factory=set)
-    new_folders: set[str] = field(default_factory=set)  # folders its frozen profile never opened in
+    track: Track = field(default_factory=lambda: Track(Rule().n))
+    last: list[str] = field(default_factory=list)  # the last full window judged (an alert's evidence)
+    noted: set[str] = field(default_factory=set)  # which half-verdicts were counted in the stats
     dests: list[str] = field(default_factory=list)
     bytes_out: int = 0
     alerted: bool = False
@@ -171,6 +177,7 @@ class Monitor:
         self._lock = threading.Lock()  # release/kill come from the link's thread
         self._thread: threading.Thread | None = None
         self._alert_seq = 0
+        self._generation: str | None = None  # the profile store's, at the last sync
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -202,7 +209,7 @@ class Monitor:
                 p.windows = 0
                 p.novelty = 0.0
                 p.score_num = p.score_den = 0.0
-                p.new_folders.clear()
+                p.track.reset()
             return out
 
     def kill(self, pid: int) -> str:
@@ -214,6 +221,7 @@ class Monitor:
     # -- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.collector.tids.add(threading.get_native_id())  # its CPU time is the monitor's
         _raise_priority()
         next_sync = time.monotonic()
         while not self._stop.is_set():
@@ -224,6 +232,7 @@ class Monitor:
                         self.process(batch)
                 except Exception:  # one bad batch must not end the monitor
                     log.exception("monitor: batch failed")
+                self._stop.wait(self.config.batch_s)
             if time.monotonic() >= next_sync:
                 self._sync()
                 next_sync = time.monotonic() + self.config.sync_s
@@ -232,11 +241,20 @@ class Monitor:
         """Apply a batch of (arrival, event); judge or learn every window completed. Returns
         how many windows completed. Public for tests."""
         self.stats.events += len(batch)
+        self.stats.batches += 1
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
         ready: list[tuple[_Proc, list[str], float]] = []
         W = self.window
         for at, ev in batch:
-            if isinstance(ev, Syscall):
+            if isinstance(ev, Calls):
+                p = self._proc(ev.tgid, ev.uid, ev.comm)
+                p.pending.extend(model_name(nr) for nr in ev.nrs)
+                p.bytes_out += ev.nbytes
+                while len(p.pending) >= W:
+                    ready.append((p, p.pending[:W], at))
+                    del p.pending[:W]
+                self.stats.syscalls += len(ev.nrs)
+            elif isinstance(ev, Syscall):
                 p = self._proc(ev.tgid, ev.uid, ev.comm)
                 p.pending.append(model_name(ev.nr))
                 if len(p.pending) >= W:
@@ -256,6 +274,7 @@ class Monitor:
                 p = self._procs.get(ev.tgid)
                 if p is not None and ev.dest not in p.dests and len(p.dests) < MAX_FILES:
                     p.dests.append(ev.dest)
+                    self._connected(p, ev.dest, at)
             elif isinstance(ev, Sent):
                 p = self._procs.get(ev.tgid)
                 if p is not None:
@@ -267,7 +286,7 @@ class Monitor:
                     self._finish(old)
                     info = process_info(ev.tgid, old.info.uid, os.path.basename(ev.path)[:15],
                                         exe=os.path.realpath(ev.path))
-                    self._procs[ev.tgid] = _Proc(info, gen=old.gen + 1)
+                    self._procs[ev.tgid] = _Proc(info, gen=old.gen + 1, track=Track(self.config.rule.n))
             elif isinstance(ev, Exited):
                 self.stats.exits += 1
                 old = self._procs.pop(ev.tgid, None)
@@ -294,11 +313,12 @@ class Monitor:
             p.score_den = self._decay * p.score_den + len(calls)
             ps = p.score_num / p.score_den
             b = self._baseline(p.info.key)
+            rule = self.config.rule
             if b.learning:
                 b.note_score(ps)
-            elif (not p.alerted and p.windows >= self.config.min_windows and b.threshold is not None
-                  and ps > b.threshold.value + self.config.margin):
-                self._act(p, calls, b, at, f"model score {ps:.2f} > {b.threshold.value + self.config.margin:.2f}")
+            elif b.threshold is not None and b.threshold.n >= rule.min_calibration:
+                p.track.model.append(ps > b.threshold.value + rule.model_margin)
+                self._decide(p, calls, b, at)
 
     def _score(self, windows: list[list[str]]) -> list[float]:
         """Mean surprise of each window, read from the model's start state; charged to the budget."""
@@ -320,7 +340,7 @@ class Monitor:
             self._procs.popitem(last=False)
             self.stats.evicted += 1
         self.stats.processes_seen += 1
-        p = self._procs[tgid] = _Proc(process_info(tgid, uid, comm))
+        p = self._procs[tgid] = _Proc(process_info(tgid, uid, comm), track=Track(self.config.rule.n))
         return p
 
     def _finish(self, p: _Proc) -> None:
@@ -349,11 +369,30 @@ class Monitor:
         if b.learning:
             b.observe_open(path)
             self._dirty.add(b.key)
-        elif not b.knows_folder(path) and len(p.new_folders) < MAX_FILES:
-            p.new_folders.add(os.path.dirname(path))
-            if not p.alerted and len(p.new_folders) >= self.config.folder_bar:
-                self._act(p, p.pending[-self.window:], b, at,
-                          f"opened files in {len(p.new_folders)} folders its profile never used")
+        elif not b.knows_folder(path) and len(p.track.new_folders) < MAX_FILES:
+            p.track.new_folders.add(os.path.dirname(path))
+            self._decide(p, p.last or p.pending[-self.window:], b, at)
+
+    def _connected(self, p: _Proc, dest: str, at: float) -> None:
+        b = self._baseline(p.info.key)
+        if b.learning:
+            b.observe_connect(dest)
+            self._dirty.add(b.key)
+        elif not b.knows_dest(dest):
+            p.track.new_dests.add(dest)
+            self._decide(p, p.last or p.pending[-self.window:], b, at)
+
+    def _decide(self, p: _Proc, calls: list[str], b: Baseline, at: float) -> None:
+        if p.alerted:
+            return
+        v = judge(self.config.rule, p.track, b.windows)
+        if v.act:
+            self._act(p, calls, b, at, v.reason, hold=v.hold)
+            return
+        for half, held, counter in (("behaviour", v.behaviour, "behaviour_only"), ("reach", v.reach, "reach_only")):
+            if held and half not in p.noted:
+                p.noted.add(half)
+                setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
     def _judge(self, p: _Proc, calls: list[str], arrived: float) -> None:
         p.windows += 1
@@ -366,10 +405,11 @@ class Monitor:
         self.stats.judged_windows += 1
         a = self.config.novelty_alpha
         p.novelty = (1 - a) * p.novelty + a * b.novelty(calls)
-        if not p.alerted and p.windows >= self.config.min_windows and p.novelty > self.config.novelty_bar:
-            self._act(p, calls, b, arrived, f"novelty {p.novelty:.2f} > {self.config.novelty_bar:.2f}")
+        p.track.novelty.append(p.novelty > self.config.rule.novelty_bar)
+        p.last = calls
+        self._decide(p, calls, b, arrived)
 
-    def _act(self, p: _Proc, calls: list[str], b: Baseline, arrived: float, reason: str) -> None:
+    def _act(self, p: _Proc, calls: list[str], b: Baseline, arrived: float, reason: str, hold: bool = True) -> None:
         p.alerted = True
         mode = self.stats.mode
         freeze_ms = cut_ms = -1.0
@@ -378,6 +418,8 @@ class Monitor:
         decided = time.monotonic()
         if mode == "contain" and p.info.tgid in PROTECTED:
             error = f"pid {p.info.tgid} (init) is never frozen: alert only"
+        elif mode == "contain" and not hold:
+            error = "its profile has learned too little to hold anyone: alert only"
         elif mode == "contain":
             try:
                 c = self.containment.contain(p.info.tgid)
@@ -400,12 +442,12 @@ class Monitor:
             score = p.score_num / p.score_den
         elif self._budget > 0 and len(calls) >= 8:
             score = self._score([calls])[0]
-        bar = b.threshold.value + self.config.margin if b.threshold is not None else -1.0
+        bar = b.threshold.value + self.config.rule.model_margin if b.threshold is not None else -1.0
         self._alert_seq += 1
         alert = Alert(
             id=f"{self.boot_id[:8]}-{self._alert_seq}", at_unix=time.time(), pid=p.info.tgid, uid=p.info.uid,
             comm=p.info.comm, profile=p.info.key.name, mode=mode, contained=contained,
-            score=score, threshold=bar, novelty=p.novelty, novelty_bar=self.config.novelty_bar,
+            score=score, threshold=bar, novelty=p.novelty, novelty_bar=self.config.rule.novelty_bar,
             window=list(calls), files=list(p.files), files_total=p.files_total,
             destinations=list(p.dests), bytes_out=p.bytes_out, freeze_ms=freeze_ms, egress_cut_ms=cut_ms,
             reason=reason, error=error, detect_ms=(decided - arrived) * 1000)
@@ -430,10 +472,14 @@ class Monitor:
                 self.stats.mode = mode
         except OSError:
             pass
+        generation = self.store.generation()
+        rescan, self._generation = generation != self._generation, generation
         with self._lock:
             for key, b in list(self._baselines.items()):
+                if not rescan and key not in self._dirty:
+                    continue
                 try:
-                    versions = self.store.versions(key)
+                    versions = self.store.versions(key) if rescan else []
                     if versions and versions[-1] > b.version:  # frozen or reset by the operator
                         newer = self.store.load(key)
                         if newer is not None:
@@ -452,6 +498,7 @@ class Monitor:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         st.cpu_s = ru.ru_utime + ru.ru_stime
         st.bpftrace_cpu_s = _cpu_of(self.collector.child_pid)
+        st.monitor_cpu_s = sum(_cpu_of(os.getpid(), tid) for tid in list(self.collector.tids))
         st.queue_len = len(self.collector.queue)
         st.collector = asdict(self.collector.stats)
         doc = asdict(st) | {"at_unix": time.time(), "attached": self.collector.attached.is_set(),
@@ -472,11 +519,13 @@ def _raise_priority(nice: int = -15) -> None:
         log.warning("monitor: cannot raise priority: %s", exc)
 
 
-def _cpu_of(pid: int | None) -> float:
+def _cpu_of(pid: int | None, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process, or of one of its threads."""
     if pid is None:
         return 0.0
     try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+        f = Path(path).read_text().rsplit(") ", 1)[1].split()
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0

@@ -38,6 +38,7 @@ MAX_SCORES = 4096  # reservoir of process scores kept for calibration
 MAX_NGRAMS = 20000  # past this, n-grams seen once are pruned (counted in `pruned_ngrams`)
 MAX_DIRS = 20000  # folders kept per profile (past this, new ones are not learned)
 _DIGITS = re.compile(r"\d+")
+STAMP = "generation"  # rewritten by every save of a version
 
 
 def folder_of(path: str) -> str | None:
@@ -84,6 +85,7 @@ class Baseline:
     ngrams: Counter[str] = field(default_factory=Counter)  # "a b c" -> count
     pruned_ngrams: int = 0
     dirs: Counter[str] = field(default_factory=Counter)  # folders the profile opened files in
+    dests: Counter[str] = field(default_factory=Counter)  # addr:port it connected to
     threshold: Threshold | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
@@ -141,6 +143,13 @@ class Baseline:
         if folder is not None and (folder in self.dirs or len(self.dirs) < MAX_DIRS):
             self.dirs[folder] += 1
 
+    def observe_connect(self, dest: str) -> None:
+        if dest in self.dests or len(self.dests) < MAX_DIRS:
+            self.dests[dest] += 1
+
+    def knows_dest(self, dest: str) -> bool:
+        return dest in self.dests
+
     def knows_folder(self, path: str) -> bool:
         """Whether the profile opened files in this path's folder while learning (relative paths: yes)."""
         folder = folder_of(path)
@@ -162,6 +171,7 @@ class Baseline:
             "threshold": None if self.threshold is None else round(self.threshold.value, 4),
             "target_fpr": None if self.threshold is None else self.threshold.target_fpr,
             "distinct_syscalls": len(self.calls), "distinct_ngrams": len(self.ngrams), "folders": len(self.dirs),
+            "destinations": len(self.dests),
             "top_syscalls": [c for c, _ in self.calls.most_common(top)],
             "top_ngrams": [g for g, _ in self.ngrams.most_common(top)],
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.updated)),
@@ -173,7 +183,7 @@ class Baseline:
             "model": self.model, "version": self.version, "learning": self.learning,
             "windows": self.windows, "syscalls": self.syscalls, "scores": self.scores,
             "calls": dict(self.calls), "ngrams": dict(self.ngrams), "pruned_ngrams": self.pruned_ngrams,
-            "dirs": dict(self.dirs),
+            "dirs": dict(self.dirs), "dests": dict(self.dests),
             "threshold": None if self.threshold is None else {
                 "target_fpr": self.threshold.target_fpr, "value": self.threshold.value, "n": self.threshold.n},
             "created": self.created, "updated": self.updated,
@@ -187,7 +197,7 @@ class Baseline:
         return cls(key=ProfileKey(**d["key"]), model=d["model"], version=d["version"], learning=d["learning"],
                    windows=d["windows"], syscalls=d["syscalls"], scores=list(d["scores"]),
                    calls=Counter(d["calls"]), ngrams=Counter(d["ngrams"]), pruned_ngrams=d["pruned_ngrams"],
-                   dirs=Counter(d.get("dirs", {})),
+                   dirs=Counter(d.get("dirs", {})), dests=Counter(d.get("dests", {})),
                    threshold=None if t is None else Threshold(t["target_fpr"], t["value"], t["n"]),
                    created=d["created"], updated=d["updated"])
 
@@ -211,7 +221,16 @@ class ProfileStore:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(baseline.to_json()))
         os.replace(tmp, path)
+        (self.root / STAMP).write_text(f"{time.time_ns()}\n")
         return baseline.version
+
+    def generation(self) -> str:
+        """Changes whenever a version is saved: a running monitor rescans versions only then
+        (a scan of every profile's folder at every sync cost seconds of TCG vCPU a minute)."""
+        try:
+            return (self.root / STAMP).read_text()
+        except OSError:
+            return ""
 
     def save_draft(self, baseline: Baseline) -> None:
         """Keep a learning baseline's progress without making a version of it."""

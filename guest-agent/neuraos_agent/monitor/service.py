@@ -2,8 +2,8 @@
 
 Loading numpy and the model takes tens of seconds in a slow guest, so the link comes up
 first and the monitor joins it when ready. Opt-in for now (NEURAOS_MONITOR=on in agent.env):
-under TCG bpftrace and the judge cost about 40% of a vCPU, far over the 5% goal, and a
-profile learned in a short window can still contain a system service it never saw busy.
+under TCG its threads and bpftrace still cost about a fifth of a vCPU on a busy guest (a
+line per syscall cost 40%; see the VM test's report), over the 5% goal.
 """
 
 from __future__ import annotations
